@@ -1,0 +1,184 @@
+"""The HTTP server: ``/metrics``, ``/healthz``, ``/readyz`` and a landing page at ``/``.
+
+Handlers only read the current Exposition, rendered once per poll by the Poller's publish
+callback; none of them ever calls the scheduler, so a slow or dead scheduler never blocks a
+scrape. The Poller task is owned by a cleanup context: started before the app serves,
+cancelled and awaited when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from .collector import (
+    OPENMETRICS_CONTENT_TYPE,
+    TEXT_CONTENT_TYPE,
+    Exposition,
+    package_version,
+)
+from .config import Settings
+from .memory import MemoryModel
+from .scheduler import SchedulerSource
+from .snapshot import Poller, Snapshot
+
+__all__ = ["ExporterState", "make_app"]
+
+logger = logging.getLogger(__name__)
+SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
+
+
+class ExporterState:
+    """The current Exposition, swapped atomically after each poll."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.exposition = Exposition.render(
+            Snapshot(time=time.time(), thresholds=settings.thresholds),
+            process_metrics=settings.process_metrics,
+        )
+        self.poller: Poller | None = None
+
+    async def publish(self, snapshot: Snapshot) -> None:
+        """Render off the event loop, then swap: scrapes keep getting the previous bytes."""
+        self.exposition = await asyncio.to_thread(
+            Exposition.render, snapshot, process_metrics=self.settings.process_metrics
+        )
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.exposition.snapshot
+
+
+STATE = web.AppKey("state", ExporterState)
+
+
+def make_poller(settings: Settings, state: ExporterState) -> Poller:
+    """The Poller for these settings, publishing into ``state``."""
+    assert settings.scheduler is not None
+    source = SchedulerSource(settings.scheduler, settings.security(), settings.timeout)
+    return Poller(
+        source,
+        MemoryModel(settings.recent_to_old_time),
+        settings.thresholds,
+        state.publish,
+        min_interval=settings.poll_interval,
+        max_backoff=settings.max_backoff,
+    )
+
+
+def make_app(settings: Settings) -> web.Application:
+    """Build the aiohttp application; polling starts when the app starts."""
+    app = web.Application()
+    state = ExporterState(settings)
+    app[STATE] = state
+    app.router.add_get("/", landing)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_response_prepare.append(_server_header)
+    app.cleanup_ctx.append(_run_poller)
+    return app
+
+
+async def _run_poller(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.poller = make_poller(state.settings, state)
+    task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Cached exposition; OpenMetrics when asked for, gzip when accepted."""
+    expo = request.app[STATE].exposition
+    _, content_type = choose_encoder(request.headers.get("Accept", ""))
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    gz = "gzip" in request.headers.get("Accept-Encoding", "")
+    if openmetrics:
+        body = expo.openmetrics_gzip if gz else expo.openmetrics
+        ctype = OPENMETRICS_CONTENT_TYPE
+    else:
+        body = expo.text_gzip if gz else expo.text
+        ctype = TEXT_CONTENT_TYPE
+    resp = web.Response(body=body, headers={"Content-Type": ctype})
+    if gz:
+        resp.headers["Content-Encoding"] = "gzip"
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers."""
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: one poll done and the scheduler reachable at the last poll."""
+    snap = request.app[STATE].snapshot
+    if snap.polled and snap.scheduler_up:
+        return web.Response(text="ready\n")
+    reason = "scheduler unreachable" if snap.polled else "no successful poll yet"
+    return web.Response(status=503, text=f"not ready: {reason}\n")
+
+
+def _mib(v: int | None) -> str:
+    return "" if v is None else f"{v / 2**20:,.1f}"
+
+
+async def landing(request: web.Request) -> web.Response:
+    """A small page with links and a live (auto-refreshing) per-worker table."""
+    state = request.app[STATE]
+    snap = state.snapshot
+    esc = html.escape
+    rows = []
+    for w in sorted(snap.workers, key=lambda w: w.info.name):
+        info, mem = w.info, w.memory
+        share = f"{mem.process / info.memory_limit:.0%}" if info.memory_limit else ""
+        cells = [
+            esc(info.name),
+            esc(info.address),
+            esc(info.status),
+            _mib(mem.process),
+            _mib(mem.managed),
+            _mib(mem.unmanaged_old),
+            _mib(mem.unmanaged_recent),
+            _mib(mem.spilled),
+            _mib(info.memory_limit),
+            share,
+            f"{max(0.0, snap.time - info.last_seen):.1f}",
+        ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = (
+        "name", "address", "status", "process MiB", "managed MiB", "unmanaged MiB",
+        "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
+    )  # fmt: skip
+    up = "up" if snap.scheduler_up else "DOWN"
+    body = f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>Dask memory exporter</title>
+<style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;text-align:right}}</style>
+</head><body>
+<h1>Dask memory exporter</h1>
+<p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
+<a href="/readyz">Readiness</a></p>
+<p>Scheduler {esc(state.settings.scheduler or "")}: <b>{up}</b>;
+{len(snap.workers)} workers; {snap.polls_total} polls, {snap.poll_errors_total} failed.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
+{"".join(rows)}
+</table></body></html>
+"""
+    return web.Response(text=body, content_type="text/html")
