@@ -9,6 +9,7 @@ cancelled and awaited when it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import time
@@ -93,10 +94,8 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
     yield
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm.addressing import parse_address
+from distributed.comm.registry import backends
 from distributed.security import Security
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -130,6 +131,9 @@ class Settings(BaseSettings):
             scheme, loc = parse_address(v, strict=False)
         except ValueError as e:
             raise ValueError(f"unparsable scheduler address {v!r}: {e}") from None
+        if scheme not in backends:
+            known = ", ".join(sorted(backends))
+            raise ValueError(f"unknown protocol {scheme!r} in {v!r} (known: {known})")
         host, _, port = loc.rpartition(":")
         if scheme in ("tcp", "tls") and (not host or not port.isdigit()):
             raise ValueError(f"unparsable scheduler address {v!r}: expected {scheme}://HOST:PORT")
@@ -138,9 +142,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_modes(self) -> Settings:
         if self.mode != "local" and not self.scheduler:
-            raise ValueError(
-                "no scheduler address: pass --scheduler or set DASK_SCHEDULER_ADDRESS"
-            )
+            raise ValueError("no scheduler address: pass --scheduler or set DASK_SCHEDULER_ADDRESS")
         return self
 
     @property

@@ -29,12 +29,12 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from aiohttp import web
 from dask.utils import format_bytes, parse_bytes
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, Scheduler
 
 from .app import STATE, make_app
 from .config import load_settings
@@ -71,7 +71,12 @@ def make_block(i: int, nbytes: int) -> bytes:
 
 
 # --- the driver -------------------------------------------------------------------------------
-ROLES = {"all": ("leak", "spill", "idle"), "leak": ("leak",), "spill": ("spill",), "idle": ("idle",)}
+ROLES = {
+    "all": ("leak", "spill", "idle"),
+    "leak": ("leak",),
+    "spill": ("spill",),
+    "idle": ("idle",),
+}
 
 
 async def _start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalCluster:
@@ -94,16 +99,21 @@ async def _start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalClus
     return cluster
 
 
-async def _wait_for_workers(client: Client, n: int, timeout: float = 60) -> None:
+async def _wait_for_workers(cluster: LocalCluster, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while len(client.cluster.scheduler.workers) < n:  # type: ignore[union-attr]
+    while (have := len(_scheduler(cluster).workers)) < n:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(client.cluster.scheduler.workers)} of {n} workers")  # type: ignore[union-attr]
+            raise TimeoutError(f"only {have} of {n} workers started")
         await asyncio.sleep(0.1)
 
 
+def _scheduler(cluster: LocalCluster) -> Scheduler:
+    assert cluster.scheduler is not None, "LocalCluster runs its scheduler in-process"
+    return cast(Scheduler, cluster.scheduler)
+
+
 def _address_of(cluster: LocalCluster, name: str) -> str | None:
-    for addr, ws in cluster.scheduler.workers.items():
+    for addr, ws in _scheduler(cluster).workers.items():
         if ws.name == name:
             return str(addr)
     return None
@@ -142,9 +152,9 @@ async def leak_driver(
 
 
 async def spill_driver(client: Client, limit: int) -> None:
-    """Keep ~1.2× the limit of managed data on worker 'spill', replacing a block every 2 s."""
+    """Keep ~1.2 x the limit of managed data on worker 'spill', replacing a block every 2 s."""
     block = max(1, limit // 25)
-    held: deque[Future] = deque()
+    held: deque[Future[bytes]] = deque()
     i = 0
     while True:
         fut = client.submit(
@@ -185,7 +195,7 @@ async def _demo(args: argparse.Namespace) -> int:
     client: Client | None = None
     try:
         client = await Client(cluster, asynchronous=True)
-        await _wait_for_workers(client, len(roles))
+        await _wait_for_workers(cluster, len(roles))
         settings = load_settings({"listen": args.listen, "scheduler": cluster.scheduler_address})
         app = make_app(settings)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -216,7 +226,7 @@ async def _demo(args: argparse.Namespace) -> int:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
-        await cluster.close()
+        await cluster.close()  # type: ignore[misc]
     return 0
 
 

@@ -88,7 +88,8 @@ class MemoryBreakdown:
         mib = 2**20
         return (
             f"<MemoryBreakdown process={self.process / mib:.1f} MiB "
-            f"managed={self.managed / mib:.1f} MiB unmanaged_old={self.unmanaged_old / mib:.1f} MiB "
+            f"managed={self.managed / mib:.1f} MiB "
+            f"unmanaged_old={self.unmanaged_old / mib:.1f} MiB "
             f"unmanaged_recent={self.unmanaged_recent / mib:.1f} MiB "
             f"spilled={self.spilled / mib:.1f} MiB>"
         )

@@ -11,6 +11,7 @@ malformed worker entry is skipped and counted, the others are still exported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -151,7 +152,5 @@ class SchedulerSource:
         """Close the connection (the next fetch reconnects)."""
         r, self._rpc = self._rpc, None
         if r is not None:
-            try:
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(r.close_rpc(), timeout=2)
-            except (OSError, asyncio.TimeoutError):
-                pass

@@ -161,10 +161,10 @@ class Poller:
     def next_delay(self) -> float:
         """Seconds to wait before the next poll."""
         if self._failures:
-            base = min(self.max_backoff, 0.5 * 2 ** min(self._failures, 16))
+            base = min(self.max_backoff, 0.5 * 2.0 ** min(self._failures, 16))
             return base * random.uniform(0.8, 1.0)
         n = self.snapshot.scheduler_workers or 0
-        return max(self.min_interval, heartbeat_interval(n))
+        return max(self.min_interval, float(heartbeat_interval(n)))
 
     async def run(self) -> None:
         """Poll until cancelled."""

@@ -1,0 +1,229 @@
+"""Rendering: the exposition of a Snapshot, linted by promtool and parsed back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import names as n
+from exporter.collector import Exposition
+from exporter.memory import MemoryBreakdown, WorkerReading
+from exporter.scheduler import WorkerInfo, decode_identity
+from exporter.snapshot import Snapshot, SourceStatus, WorkerSnapshot
+
+MiB = 2**20
+THRESHOLDS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+
+
+def worker(
+    name: str, limit: int | None, status: str = "running", rss: int | None = None
+) -> WorkerSnapshot:
+    addr = f"tcp://10.0.0.{len(name)}:4{len(name)}000"
+    r = WorkerReading(
+        process=300 * MiB,
+        managed_total=150 * MiB,
+        spilled_memory=50 * MiB,
+        spilled_disk=40 * MiB,
+        heartbeat_time=1000.0,
+    )
+    info = WorkerInfo(
+        address=addr,
+        name=name,
+        host="10.0.0.1",
+        nthreads=1,
+        memory_limit=limit,
+        status=status,
+        last_seen=1000.0,
+        nanny=None,
+        reading=r,
+    )
+    mem = MemoryBreakdown(
+        process=300 * MiB, managed=100 * MiB, unmanaged_old=150 * MiB, spilled=40 * MiB
+    )
+    return WorkerSnapshot(info=info, memory=mem, rss=rss)
+
+
+def snapshot(*workers: WorkerSnapshot, up: bool = True) -> Snapshot:
+    return Snapshot(
+        time=1002.5,
+        workers=workers,
+        thresholds=THRESHOLDS,
+        scheduler_up=up,
+        scheduler_workers=len(workers),
+        polled=True,
+        sources=(SourceStatus("scheduler", up, 0.002),),
+        poll_duration=0.002,
+        last_success=1002.5,
+        polls_total=10,
+        poll_errors_total=1,
+    )
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def test_worker_series_and_values() -> None:
+    expo = Exposition.render(
+        snapshot(worker("a", 1000 * MiB, "paused"), worker("bb", None)), process_metrics=False
+    )
+    text = expo.text.decode()
+    addr_a = "tcp://10.0.0.1:41000"
+    lab = {"worker": addr_a, "worker_name": "a"}
+    assert value(text, n.WORKER_PROCESS_BYTES, **lab) == 300 * MiB
+    assert value(text, n.WORKER_MANAGED_BYTES, **lab) == 100 * MiB
+    assert value(text, n.WORKER_UNMANAGED_BYTES, **lab) == 150 * MiB
+    assert value(text, n.WORKER_UNMANAGED_RECENT_BYTES, **lab) == 50 * MiB
+    assert value(text, n.WORKER_SPILLED_BYTES, **lab) == 40 * MiB
+    assert value(text, n.WORKER_LIMIT_BYTES, **lab) == 1000 * MiB
+    assert value(text, n.WORKER_PAUSED, **lab) == 1
+    assert value(text, n.WORKER_HEARTBEAT_AGE_SECONDS, **lab) == 2.5
+    for key, ratio in THRESHOLDS.items():
+        assert value(text, n.WORKER_THRESHOLD_RATIO, threshold=key, **lab) == ratio
+    # A worker without a limit has no limit and no threshold series, but its memory is there.
+    no_limit = {"worker": "tcp://10.0.0.2:42000", "worker_name": "bb"}
+    s = samples(text)
+    assert (n.WORKER_LIMIT_BYTES, tuple(sorted(no_limit.items()))) not in s
+    assert value(text, n.WORKER_PROCESS_BYTES, **no_limit) == 300 * MiB
+    assert value(text, n.WORKER_PAUSED, **no_limit) == 0
+    assert n.WORKER_RSS_BYTES not in text  # only in local mode
+    assert value(text, n.SCHEDULER_UP) == 1
+    assert value(text, n.EXPORTER_POLL_ERRORS_TOTAL) == 1
+
+
+def test_rss_series_only_where_read() -> None:
+    text = Exposition.render(
+        snapshot(worker("a", None, rss=123), worker("bb", None)), process_metrics=False
+    ).text.decode()
+    rss = [k for k in samples(text) if k[0] == n.WORKER_RSS_BYTES]
+    assert rss == [(n.WORKER_RSS_BYTES, (("worker", "tcp://10.0.0.1:41000"), ("worker_name", "a")))]
+
+
+def test_no_workers_only_self_metrics() -> None:
+    text = Exposition.render(snapshot(up=False), process_metrics=True).text.decode()
+    names = {k[0] for k in samples(text)}
+    assert n.WORKER_PROCESS_BYTES not in names
+    assert value(text, n.SCHEDULER_UP) == 0
+    assert "process_resident_memory_bytes" in names
+
+
+def test_label_values_are_escaped() -> None:
+    text = Exposition.render(
+        snapshot(worker('we"ird\\na\nme', 1000 * MiB)), process_metrics=False
+    ).text.decode()
+    names = {dict(k[1]).get("worker_name") for k in samples(text)}
+    assert 'we"ird\\na\nme' in names
+
+
+def test_openmetrics_parses_and_ends_with_eof() -> None:
+    expo = Exposition.render(snapshot(worker("a", 1000 * MiB)), process_metrics=False)
+    om = expo.openmetrics.decode()
+    assert om.endswith("# EOF\n")
+    fams = {f.name: f for f in parse_om(om)}
+    assert fams[n.EXPORTER_POLLS_TOTAL.removesuffix("_total")].type == "counter"
+    assert fams[n.WORKER_PROCESS_BYTES].samples[0].value == 300 * MiB
+
+
+def test_gzip_variants_match() -> None:
+    import gzip
+
+    expo = Exposition.render(snapshot(worker("a", 1000 * MiB)))
+    assert gzip.decompress(expo.text_gzip) == expo.text
+    assert gzip.decompress(expo.openmetrics_gzip) == expo.openmetrics
+
+
+def test_never_clashes_with_dask_builtin_families() -> None:
+    text = Exposition.render(snapshot(worker("a", 1000 * MiB))).text.decode()
+    for fam in text_string_to_metric_families(text):
+        assert not fam.name.startswith(("dask_worker_", "dask_scheduler_")), fam.name
+
+
+def test_promtool_check_metrics_passes() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by ./dev test (Debian package prometheus)"
+    expo = Exposition.render(snapshot(worker("a", 1000 * MiB), worker("bb", None, rss=5)))
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=expo.text, capture_output=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+# --- decoding: a worker entry shaped like the scheduler's identity() output -----------------
+def identity_entry(**overrides: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "type": "Worker",
+        "id": 0,
+        "host": "127.0.0.1",
+        "name": 0,
+        "nthreads": 1,
+        "memory_limit": 400 * MiB,
+        "last_seen": 1000.0,
+        "status": "running",
+        "nanny": "tcp://127.0.0.1:1234",
+        "services": {"dashboard": 3456},
+        "metrics": {
+            "memory": 100 * MiB,
+            "managed_bytes": 10 * MiB,
+            "spilled_bytes": {"memory": 0, "disk": 0},
+            "cpu": 1.0,
+            "digests_total_since_heartbeat": {("a", "b"): 1.0},
+        },
+    }
+    entry.update(overrides)
+    return entry
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"metrics": None},
+        {"metrics": {"memory": 1}},
+        {
+            "metrics": {
+                "memory": "lots",
+                "managed_bytes": 0,
+                "spilled_bytes": {"memory": 0, "disk": 0},
+            }
+        },
+        {
+            "metrics": {
+                "memory": float("nan"),
+                "managed_bytes": 0,
+                "spilled_bytes": {"memory": 0, "disk": 0},
+            }
+        },
+        {"last_seen": None},
+        {"memory_limit": "400MiB"},
+    ],
+)
+def test_malformed_worker_is_skipped_and_counted(bad: dict[str, Any]) -> None:
+    poll = decode_identity(
+        {
+            "address": "tcp://s:1",
+            "workers": {
+                "tcp://good:1": identity_entry(),
+                "tcp://bad:1": identity_entry(**bad),
+                "tcp://good:2": identity_entry(name="other"),
+            },
+        }
+    )
+    assert set(poll.workers) == {"tcp://good:1", "tcp://good:2"}
+    assert poll.skipped == 1
+
+
+def test_worker_without_limit_decodes() -> None:
+    poll = decode_identity({"workers": {"tcp://w:1": identity_entry(memory_limit=0)}})
+    assert poll.workers["tcp://w:1"].memory_limit is None

@@ -1,0 +1,161 @@
+"""The memory model: MemoryState's clipping and the scheduler's sliding-window minimum."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from exporter.memory import MemoryBreakdown, MemoryModel, UnmanagedHistory, WorkerReading
+
+MiB = 2**20
+
+
+def reading(
+    t: float, process: int, managed_total: int = 0, spilled_memory: int = 0, spilled_disk: int = 0
+) -> WorkerReading:
+    return WorkerReading(
+        process=process,
+        managed_total=managed_total,
+        spilled_memory=spilled_memory,
+        spilled_disk=spilled_disk,
+        heartbeat_time=t,
+    )
+
+
+def reference_old(samples: list[tuple[float, int]], window: float) -> int:
+    """The scheduler's algorithm, literally: drop samples older than now - window, then min."""
+    now = samples[-1][0]
+    return min(size for t, size in samples if t >= now - window)
+
+
+def test_parts_add_up_to_process() -> None:
+    m = MemoryBreakdown(process=300, managed=100, unmanaged_old=150, spilled=40)
+    assert (m.managed, m.unmanaged_old, m.unmanaged_recent, m.spilled) == (100, 150, 50, 40)
+    assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process
+
+
+@pytest.mark.parametrize(
+    ("process", "managed", "old", "expect"),
+    [
+        (100, 150, 10, (100, 100, 0, 0)),  # managed larger than process (sizeof overestimates)
+        (100, 40, 90, (100, 40, 60, 0)),  # old larger than what is left
+        (100, -5, -5, (100, 0, 0, 100)),  # negative inputs never leak out
+        (-1, 0, 0, (0, 0, 0, 0)),
+    ],
+)
+def test_clipping_keeps_invariant(
+    process: int, managed: int, old: int, expect: tuple[int, int, int, int]
+) -> None:
+    m = MemoryBreakdown(process=process, managed=managed, unmanaged_old=old, spilled=0)
+    assert (m.process, m.managed, m.unmanaged_old, m.unmanaged_recent) == expect
+
+
+def test_invariant_holds_for_random_inputs() -> None:
+    rng = random.Random(42)
+    for _ in range(5000):
+        m = MemoryBreakdown(
+            process=rng.randint(-10, 10**9),
+            managed=rng.randint(-10, 10**9),
+            unmanaged_old=rng.randint(-10, 10**9),
+            spilled=rng.randint(-10, 10**9),
+        )
+        parts = (m.managed, m.unmanaged_old, m.unmanaged_recent, m.spilled)
+        assert min(parts) >= 0
+        assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process
+
+
+def test_sum_is_cluster_total() -> None:
+    a = MemoryBreakdown(process=300, managed=100, unmanaged_old=150, spilled=40)
+    b = MemoryBreakdown(process=200, managed=50, unmanaged_old=100, spilled=10)
+    total = MemoryBreakdown.sum([a, b])
+    assert (total.process, total.managed, total.unmanaged_old, total.unmanaged_recent) == (
+        500,
+        150,
+        250,
+        100,
+    )
+
+
+def test_window_minimum_matches_scheduler_algorithm() -> None:
+    rng = random.Random(7)
+    window = 30.0
+    h = UnmanagedHistory(window)
+    samples: list[tuple[float, int]] = []
+    t = 1000.0
+    for _ in range(3000):
+        t += rng.choice([0.5, 0.5, 1.0, 2.0, 13.0, 31.0])
+        size = rng.randint(0, 500) * MiB
+        samples.append((t, size))
+        assert h.add(t, size) == reference_old(samples, window)
+    assert len(h) <= 2 * window / 0.5 + 2  # bounded by the window, not by history
+
+
+def test_leak_moves_from_recent_to_old_after_the_window() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    base = 100 * MiB
+    out = {}
+    for i in range(0, 61):  # heartbeat every second; 50 MiB appears at t=10 and stays
+        t = float(i)
+        process = base + (50 * MiB if t >= 10 else 0)
+        out = model.update({"w": reading(t, process)})
+        m = out["w"]
+        assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process
+        if 10 <= t < 40:
+            assert m.unmanaged_recent == 50 * MiB, t
+        if t >= 40:
+            assert (m.unmanaged_old, m.unmanaged_recent) == (base + 50 * MiB, 0), t
+
+
+def test_spike_stays_recent_and_falls_back() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    for i in range(100):
+        spike = 200 * MiB if 20 <= i < 25 else 0
+        m = model.update({"w": reading(float(i), 100 * MiB + spike)})["w"]
+        assert m.unmanaged_old == 100 * MiB
+        assert m.unmanaged_recent == spike
+
+
+def test_managed_and_spilled_follow_the_scheduler() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    r = reading(
+        1.0, 400 * MiB, managed_total=500 * MiB, spilled_memory=300 * MiB, spilled_disk=290 * MiB
+    )
+    m = model.update({"w": r})["w"]
+    assert m.managed == 200 * MiB  # managed_bytes includes spilled keys: subtract them
+    assert m.spilled == 290 * MiB  # size on disk
+    assert m.unmanaged_old == 200 * MiB
+
+
+def test_repeated_heartbeat_adds_no_sample() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    model.update({"w": reading(1.0, 100 * MiB)})
+    # Polled again before the next heartbeat: same last_seen, must not count as a new sample
+    # (it would otherwise keep an expired minimum alive with a fresh timestamp).
+    for _ in range(5):
+        model.update({"w": reading(1.0, 100 * MiB)})
+    m = model.update({"w": reading(40.0, 300 * MiB)})["w"]
+    assert m.unmanaged_old == 300 * MiB
+
+
+def test_departed_worker_is_forgotten() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    model.update({"a": reading(1.0, 100 * MiB), "b": reading(1.0, 100 * MiB)})
+    out = model.update({"a": reading(2.0, 100 * MiB)})
+    assert set(out) == {"a"}
+    assert len(model) == 1
+    # The same address coming back starts a fresh window (a restarted worker).
+    m = model.update({"a": reading(3.0, 100 * MiB), "b": reading(3.0, 900 * MiB)})["b"]
+    assert m.unmanaged_old == 900 * MiB
+
+
+def test_process_override_lands_in_recent() -> None:
+    model = MemoryModel(recent_to_old_time=30)
+    r = reading(1.0, 100 * MiB, managed_total=20 * MiB)
+    m = model.update({"w": r}, process_override={"w": 180 * MiB})["w"]
+    assert (m.process, m.managed, m.unmanaged_old, m.unmanaged_recent) == (
+        180 * MiB,
+        20 * MiB,
+        80 * MiB,
+        80 * MiB,
+    )
