@@ -31,6 +31,62 @@ class MixinConfig:
     dashboard_tags: tuple[str, ...] = ("dask", "dask-memory-exporter")
     """Tags applied to every generated dashboard."""
 
+    # --- alerts and recording rules (rules.py) ------------------------------------------
+    # Memory thresholds are not settings: every rule reads them from the exporter's
+    # dask_memory_worker_threshold_ratio and dask_memory_worker_limit_bytes series, so each
+    # cluster is judged by its own Dask configuration. Durations use Prometheus syntax.
+
+    alert_extra_labels: tuple[str, ...] = ()
+    """Extra ``key=value`` labels put on every alert (e.g. ``team=data``)."""
+
+    no_data_to_spill_for: str = "1m"
+    """``for:`` of DaskWorkerMemoryHighNoDataToSpill (filters short task-heap peaks)."""
+    no_data_to_spill_severity: str = "warning"
+
+    pause_predicted_window: str = "10m"
+    """Window over which the growth rate of unmanaged (old) memory is estimated."""
+    pause_predicted_horizon: str = "30m"
+    """DaskWorkerPausePredicted fires when the pause threshold is reached within this time."""
+    pause_predicted_for: str = "5m"
+    pause_predicted_severity: str = "warning"
+
+    paused_for: str = "1m"
+    paused_severity: str = "warning"
+
+    near_termination_margin: float = 0.05
+    """DaskWorkerNearTermination fires above (terminate threshold - margin) x limit."""
+    near_termination_for: str = "15s"
+    near_termination_severity: str = "critical"
+
+    unmanaged_growing_window: str = "1h"
+    """Long window over which steady growth of unmanaged (old) memory is judged."""
+    unmanaged_growing_recent_window: str = "15m"
+    """Unmanaged (old) memory must still be growing over this recent window (not one step)."""
+    unmanaged_growing_horizon: str = "4h"
+    """Fires when, at the long-window rate, unmanaged (old) passes the target within this."""
+    unmanaged_growing_min_ratio: float = 0.05
+    """... and grows by at least this fraction of the limit within the horizon (ignores creep)."""
+    unmanaged_growing_for: str = "15m"
+    unmanaged_growing_severity: str = "info"
+
+    heartbeat_stale_after: str = "1m"
+    """DaskWorkerHeartbeatStale fires when a worker's last heartbeat is older than this."""
+    heartbeat_stale_for: str = "1m"
+    heartbeat_stale_severity: str = "warning"
+
+    scheduler_down_for: str = "2m"
+    scheduler_down_severity: str = "critical"
+
+    exporter_down_for: str = "5m"
+    exporter_down_severity: str = "warning"
+    exporter_absent_alert: bool = True
+    """Also alert when no exporter target exists at all (turn off for ephemeral clusters)."""
+
+    prometheus_rule_name: str = "dask-memory-exporter"
+    """metadata.name of the generated PrometheusRule."""
+    prometheus_rule_labels: tuple[str, ...] = ("app.kubernetes.io/name=dask-memory-exporter",)
+    """``key=value`` metadata labels of the PrometheusRule (match your ruleSelector)."""
+
     def selector(self, *extra: str) -> str:
         """Braced PromQL selector: the exporter selector plus extra matchers."""
         parts = [p for p in (self.exporter_selector, *extra) if p]
