@@ -1,0 +1,184 @@
+"""The container image, built for real and run against a real Dask scheduler.
+
+Built with podman on a locally bootstrapped Debian base (no registry is reachable here), run the
+way the Kubernetes manifests run it: read-only root filesystem, non-root numeric user, all
+capabilities dropped, no privilege escalation. Set ``DME_SKIP_IMAGE_TEST=1`` to skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from podman_support import Unavailable, build_image, ensure_base_image, podman
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_UID = 10001
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("DME_SKIP_IMAGE_TEST") == "1", reason="DME_SKIP_IMAGE_TEST=1"
+    ),
+    pytest.mark.timeout(900),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[str]:
+    """Build the project's Dockerfile; remove the image afterwards (the base stays cached)."""
+    try:
+        base = ensure_base_image()
+    except Unavailable as e:
+        pytest.skip(f"podman unavailable: {e}")
+    tag = f"localhost/dask-memory-exporter:test-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    build_image(ROOT, tag, base)
+    print(f"image build took {time.monotonic() - started:.1f} s")
+    yield tag
+    podman(["rmi", "--force", tag], check=False)
+    podman(["image", "prune", "--force"], check=False)
+
+
+@pytest.fixture(scope="module")
+def image_inspect(image: str) -> dict[str, Any]:
+    out = podman(["image", "inspect", image]).stdout
+    inspect: dict[str, Any] = json.loads(out)[0]
+    return inspect
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[str, set[str]]]:
+    """A real LocalCluster on loopback with two worker processes: (address, worker addresses)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        scheduler_port=0,
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+        memory_limit="400MiB",
+    ) as lc:
+        lc.wait_for_workers(2, timeout=60)
+        workers = set(lc.scheduler_info["workers"])
+        yield lc.scheduler_address, workers
+
+
+def test_image_metadata(image_inspect: dict[str, Any]) -> None:
+    """Numeric non-root user, the documented port, entrypoint and health check."""
+    image_config = image_inspect["Config"]
+    user = image_config["User"]
+    assert re.fullmatch(r"\d+:\d+", user), user
+    assert int(user.split(":")[0]) == IMAGE_UID
+    assert "9787/tcp" in image_config["ExposedPorts"]
+    assert image_config["Entrypoint"] == ["dask-memory-exporter", "serve"]
+    health = image_inspect.get("Healthcheck") or {}
+    assert health.get("Test", [None])[0] == "CMD", health
+    assert "/healthz" in " ".join(health["Test"])
+    env = dict(e.split("=", 1) for e in image_config["Env"])
+    assert env["HOME"] == "/tmp"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def test_image_serves_a_real_scheduler(image: str, cluster: tuple[str, set[str]]) -> None:
+    """Locked down as in the Kubernetes manifests, the image reports the cluster's workers."""
+    address, workers = cluster
+    port = _free_port()
+    name = f"dme-test-{uuid.uuid4().hex[:8]}"
+    podman(
+        [
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            # No writable /tmp at all: stricter than the manifests' emptyDir.
+            "--read-only-tmpfs=false",
+            "--user",
+            f"{IMAGE_UID}:{IMAGE_UID}",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--env",
+            f"DASK_SCHEDULER_ADDRESS={address}",
+            "--env",
+            f"DASK_MEMORY_EXPORTER_LISTEN=127.0.0.1:{port}",
+            image,
+        ]
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        status, body = 0, ""
+        while time.monotonic() < deadline:
+            try:
+                status, body = _get(f"{base}/readyz")
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            time.sleep(0.5)
+        logs = podman(["logs", name], check=False)
+        assert status == 200, f"/readyz never 200 ({status} {body!r}); logs:\n{logs.stderr}"
+
+        status, metrics = _get(f"{base}/metrics")
+        assert status == 200
+        assert re.search(r"^dask_memory_scheduler_up(\{[^}]*\})? 1(\.0)?$", metrics, re.M)
+        worker_re = r'^dask_memory_worker_process_bytes\{[^}]*\bworker="([^"]+)"'
+        seen = set(re.findall(worker_re, metrics, re.M))
+        assert seen == workers
+        assert _get(f"{base}/healthz")[0] == 200
+
+        # The image's own HEALTHCHECK command, run inside the container.
+        health = podman(["healthcheck", "run", name], check=False)
+        assert health.returncode == 0, health.stdout + health.stderr
+
+        # SIGTERM stops it cleanly and promptly.
+        started = time.monotonic()
+        podman(["stop", "--time", "20", name])
+        assert time.monotonic() - started < 15
+        state = json.loads(podman(["inspect", name]).stdout)[0]["State"]
+        logs = podman(["logs", name], check=False)
+        assert state["ExitCode"] == 0, logs.stdout + logs.stderr
+        assert "Traceback" not in logs.stdout + logs.stderr
+    finally:
+        podman(["rm", "--force", name], check=False)
+
+
+def test_image_rejects_a_bad_option_in_one_line(image: str) -> None:
+    """A misconfigured container fails fast with one line, not a traceback."""
+    out = podman(
+        ["run", "--rm", "--network", "none", "--read-only", image, "--listen", "nonsense"],
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
