@@ -79,7 +79,7 @@ ROLES = {
 }
 
 
-async def _start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalCluster:
+async def start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalCluster:
     cluster = await LocalCluster(
         n_workers=0,
         threads_per_worker=1,
@@ -99,7 +99,7 @@ async def _start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalClus
     return cluster
 
 
-async def _wait_for_workers(cluster: LocalCluster, n: int, timeout: float = 60) -> None:
+async def wait_for_workers(cluster: LocalCluster, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while (have := len(_scheduler(cluster).workers)) < n:
         if time.monotonic() > deadline:
@@ -189,13 +189,13 @@ async def _demo(args: argparse.Namespace) -> int:
     rate = parse_bytes(args.leak_rate)
     roles = ROLES[args.scenario]
     load_settings({"listen": args.listen, "scheduler": "tcp://127.0.0.1:1"})  # validate early
-    cluster = await _start_cluster(roles, limit)
+    cluster = await start_cluster(roles, limit)
     tasks: list[asyncio.Task[Any]] = []
     runner: web.AppRunner | None = None
     client: Client | None = None
     try:
         client = await Client(cluster, asynchronous=True)
-        await _wait_for_workers(cluster, len(roles))
+        await wait_for_workers(cluster, len(roles))
         settings = load_settings({"listen": args.listen, "scheduler": cluster.scheduler_address})
         app = make_app(settings)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
