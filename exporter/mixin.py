@@ -45,6 +45,10 @@ class MixinConfig:
 
     pause_predicted_window: str = "10m"
     """Window over which the growth rate of unmanaged (old) memory is estimated."""
+    pause_predicted_recent_window: str = "2m"
+    """Unmanaged (old) memory must still grow over this recent window, at no less than half
+    the rate over pause_predicted_window: a one-off step is not a trend. Keep it shorter than
+    pause_predicted_for."""
     pause_predicted_horizon: str = "30m"
     """DaskWorkerPausePredicted fires when the pause threshold is reached within this time."""
     pause_predicted_for: str = "5m"
@@ -60,8 +64,9 @@ class MixinConfig:
 
     unmanaged_growing_window: str = "1h"
     """Long window over which steady growth of unmanaged (old) memory is judged."""
-    unmanaged_growing_recent_window: str = "15m"
-    """Unmanaged (old) memory must still be growing over this recent window (not one step)."""
+    unmanaged_growing_recent_window: str = "10m"
+    """Unmanaged (old) memory must still grow over this recent window, at no less than half
+    the long-window rate (a one-off step is not a leak). Keep it shorter than the ``for:``."""
     unmanaged_growing_horizon: str = "4h"
     """Fires when, at the long-window rate, unmanaged (old) passes the target within this."""
     unmanaged_growing_min_ratio: float = 0.05

@@ -80,12 +80,15 @@ def binary(name: str) -> str:
     raise PromStackError(f"{name} not found: {_INSTALL_HINT}")
 
 
-def run_tool(name: str, *args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    name: str, *args: str | Path, cwd: str | Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``promtool`` or ``amtool`` and return the completed process (never raises on exit 1)."""
     return subprocess.run(
         [binary(name), *map(str, args)],
         capture_output=True,
         text=True,
+        cwd=cwd,
         timeout=timeout,
         check=False,
     )

@@ -1,0 +1,455 @@
+"""Alert and recording rules as Python data, rendered from a :class:`MixinConfig`.
+
+Covers the Prometheus rule files committed under ``deploy/prometheus/`` (one file of alerts,
+one of recording rules, and both as a prometheus-operator ``PrometheusRule``). Pure: no I/O,
+deterministic YAML. Metric names come from :mod:`exporter.names`; windows, ``for:`` durations,
+severities and selectors from the MixinConfig. Memory thresholds are never constants here: each
+rule reads ``dask_memory_worker_threshold_ratio{threshold=...}`` and
+``dask_memory_worker_limit_bytes`` from the exporter, so a cluster with other Dask settings is
+judged by its own. A worker without a memory limit has neither series, so the memory alerts
+ignore it (Dask does not manage its memory either). The reasoning behind each expression is in
+``docs/alerts.md``; what to do when one fires is in ``docs/runbooks.md``. The PromQL needs
+Prometheus 2.7 or later (subqueries are not used; ``predict_linear``/``deriv`` are old).
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
+from . import names as n
+from .mixin import MixinConfig
+
+__all__ = [
+    "ALERTS_FILE",
+    "ALERT_GROUP",
+    "CLUSTER_PAUSED_WORKERS",
+    "CLUSTER_PROCESS_LIMIT_RATIO",
+    "CLUSTER_WORKERS",
+    "PROMETHEUS_RULE_FILE",
+    "RECORDING_FILE",
+    "RECORDING_GROUP",
+    "STILL_GROWING",
+    "WORKER_PROCESS_LIMIT_RATIO",
+    "WORKER_THRESHOLD_BYTES",
+    "add_runbook_links",
+    "alert_rules",
+    "cluster_sum",
+    "duration_seconds",
+    "prometheus_rule",
+    "recording_rules",
+    "render_files",
+    "rule_groups",
+    "unmanaged_deriv",
+]
+
+ALERTS_FILE = "dask-memory-alerts.yaml"
+RECORDING_FILE = "dask-memory-recording.yaml"
+PROMETHEUS_RULE_FILE = "prometheusrule.yaml"
+ALERT_GROUP = "dask-memory-exporter.alerts"
+RECORDING_GROUP = "dask-memory-exporter.rules"
+
+# --- recorded series (level:metric:operations); the dashboards may use these names ----------
+CLUSTER_WORKERS = "dask_cluster:dask_memory_workers:count"
+"""Workers per cluster (series of dask_memory_worker_process_bytes)."""
+CLUSTER_PAUSED_WORKERS = "dask_cluster:dask_memory_worker_paused:sum"
+"""Paused workers per cluster."""
+CLUSTER_PROCESS_LIMIT_RATIO = "dask_cluster:dask_memory_worker_process_bytes:ratio"
+"""Process memory / memory limit per cluster, over the workers that have a limit."""
+WORKER_PROCESS_LIMIT_RATIO = "dask_worker:dask_memory_worker_process_bytes:ratio"
+"""Process memory / memory limit per worker (workers with a limit only)."""
+WORKER_THRESHOLD_BYTES = "dask_worker:dask_memory_worker_threshold_bytes"
+"""Each memory-manager threshold in bytes (limit x ratio), label ``threshold`` kept."""
+
+_SUMMED = (
+    n.WORKER_PROCESS_BYTES,
+    n.WORKER_MANAGED_BYTES,
+    n.WORKER_UNMANAGED_BYTES,
+    n.WORKER_UNMANAGED_RECENT_BYTES,
+    n.WORKER_SPILLED_BYTES,
+    n.WORKER_LIMIT_BYTES,
+)
+
+
+STILL_GROWING = 0.5
+"""A trend counts only while the recent growth rate is at least this fraction of the long one."""
+
+
+def cluster_sum(metric: str) -> str:
+    """Recorded per-cluster sum of a per-worker family, e.g. ``dask_cluster:<metric>:sum``."""
+    return f"dask_cluster:{metric}:sum"
+
+
+def unmanaged_deriv(config: MixinConfig) -> str:
+    """Recorded per-worker growth rate (bytes/s) of unmanaged (old) memory."""
+    return f"dask_worker:{n.WORKER_UNMANAGED_BYTES}:deriv{config.unmanaged_growing_window}"
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+_DURATION = re.compile(r"^((\d+)(ms|s|m|h|d|w|y))+$")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a Prometheus duration such as ``90s``, ``1h30m`` or ``0s``."""
+    if not _DURATION.match(text):
+        raise ValueError(f"not a Prometheus duration: {text!r}")
+    return sum(int(num) * _UNITS[unit] for num, unit in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", text))
+
+
+def _num(x: float) -> str:
+    """A number as PromQL text without a useless ``.0``."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+class _Q:
+    """PromQL fragments for one MixinConfig."""
+
+    def __init__(self, config: MixinConfig) -> None:
+        self.c = config
+        sel = config.selector()
+        self.process = n.WORKER_PROCESS_BYTES + sel
+        self.managed = n.WORKER_MANAGED_BYTES + sel
+        self.unmanaged = n.WORKER_UNMANAGED_BYTES + sel
+        self.recent = n.WORKER_UNMANAGED_RECENT_BYTES + sel
+        self.limit = n.WORKER_LIMIT_BYTES + sel
+        self.paused = n.WORKER_PAUSED + sel
+        self.heartbeat_age = n.WORKER_HEARTBEAT_AGE_SECONDS + sel
+        self.scheduler_up = n.SCHEDULER_UP + sel
+        self.up = "up" + sel
+
+    def ratio(self, threshold: str) -> str:
+        """``dask_memory_worker_threshold_ratio`` of one threshold."""
+        return n.WORKER_THRESHOLD_RATIO + self.c.selector(f'{n.LABEL_THRESHOLD}="{threshold}"')
+
+    @property
+    def on_threshold(self) -> str:
+        """Matching clause joining a per-worker vector with one threshold's ratio."""
+        return f"ignoring({n.LABEL_THRESHOLD})"
+
+
+def _expr(text: str) -> str:
+    return textwrap.dedent(text).strip()
+
+
+def _labels(pairs: Iterable[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what}: expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def recording_rules(config: MixinConfig) -> list[dict[str, Any]]:
+    """Per-cluster totals and per-worker ratios used by the dashboards."""
+    q = _Q(config)
+    by = config.cluster_by
+    sel = config.selector()
+    rules: list[dict[str, Any]] = [
+        {"record": cluster_sum(metric), "expr": f"sum by ({by}) ({metric}{sel})"}
+        for metric in _SUMMED
+    ]
+    rules += [
+        {"record": CLUSTER_WORKERS, "expr": f"count by ({by}) ({q.process})"},
+        {"record": CLUSTER_PAUSED_WORKERS, "expr": f"sum by ({by}) ({q.paused})"},
+        {
+            "record": CLUSTER_PROCESS_LIMIT_RATIO,
+            "expr": _expr(
+                f"""
+                sum by ({by}) ({q.process} and {q.limit})
+                /
+                sum by ({by}) ({q.limit})
+                """
+            ),
+        },
+        {"record": WORKER_PROCESS_LIMIT_RATIO, "expr": f"{q.process} / {q.limit}"},
+        {
+            "record": WORKER_THRESHOLD_BYTES,
+            "expr": (
+                f"{q.limit} * {q.on_threshold} group_right "
+                f"{n.WORKER_THRESHOLD_RATIO}{config.selector()}"
+            ),
+        },
+        {
+            "record": unmanaged_deriv(config),
+            "expr": f"deriv({q.unmanaged}[{config.unmanaged_growing_window}])",
+        },
+    ]
+    return rules
+
+
+def _alert(
+    name: str,
+    expr: str,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+    config: MixinConfig,
+) -> dict[str, Any]:
+    duration_seconds(for_)  # validate
+    labels = {"severity": severity, **_labels(config.alert_extra_labels, "alert_extra_labels")}
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": labels,
+        "annotations": {"summary": summary, "description": description},
+    }
+
+
+_WORKER = "{{ $labels.worker_name }} ({{ $labels.worker }})"
+
+
+def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
+    """The alerts, without runbook links (see :func:`add_runbook_links`)."""
+    c = config
+    q = _Q(c)
+    on = q.on_threshold
+    horizon = duration_seconds(c.pause_predicted_horizon)
+    growth_horizon = duration_seconds(c.unmanaged_growing_horizon)
+    stale_after = duration_seconds(c.heartbeat_stale_after)
+    duration_seconds(c.pause_predicted_window)
+    growth_window = c.unmanaged_growing_window
+    duration_seconds(growth_window)
+    duration_seconds(c.unmanaged_growing_recent_window)
+    duration_seconds(c.pause_predicted_recent_window)
+
+    alerts = [
+        _alert(
+            "DaskWorkerMemoryHighNoDataToSpill",
+            _expr(
+                f"""
+                (
+                  ({q.process} - {q.managed}) / {q.limit}
+                    > {on} {q.ratio(n.THRESHOLD_TARGET)}
+                )
+                and
+                (
+                  {q.process} / {q.limit}
+                    > {on} {q.ratio(n.THRESHOLD_SPILL)}
+                )
+                """
+            ),
+            c.no_data_to_spill_for,
+            c.no_data_to_spill_severity,
+            "Dask worker {{ $labels.worker_name }} is above the spill threshold "
+            "with too little managed data to spill.",
+            f"Worker {_WORKER} is above its spill threshold, and "
+            "{{ $value | humanizePercentage }} of its memory limit is unmanaged memory "
+            "(old and recent) that spilling cannot free: even with every managed key spilled "
+            "to disk it would stay above its target threshold. This is what Dask logs as "
+            '"Unmanaged memory use is high". It pauses at the pause threshold.',
+            c,
+        ),
+        _alert(
+            "DaskWorkerPausePredicted",
+            _expr(
+                f"""
+                (
+                  ({q.process} + deriv({q.unmanaged}[{c.pause_predicted_window}]) * {_num(horizon)})
+                    / {q.limit}
+                    > {on} {q.ratio(n.THRESHOLD_PAUSE)}
+                )
+                and
+                (deriv({q.unmanaged}[{c.pause_predicted_window}]) > 0)
+                and
+                (
+                  deriv({q.unmanaged}[{c.pause_predicted_recent_window}])
+                    > {_num(STILL_GROWING)} * deriv({q.unmanaged}[{c.pause_predicted_window}])
+                )
+                and
+                ({q.paused} == 0)
+                """
+            ),
+            c.pause_predicted_for,
+            c.pause_predicted_severity,
+            f"Dask worker {{{{ $labels.worker_name }}}} is predicted to pause within "
+            f"{c.pause_predicted_horizon}.",
+            f"Unmanaged (old) memory of worker {_WORKER} has grown steadily over the last "
+            f"{c.pause_predicted_window}. At that rate its process memory reaches "
+            f"{{{{ $value | humanizePercentage }}}} of its memory limit within "
+            f"{c.pause_predicted_horizon}, past its pause threshold; a paused worker runs no new "
+            "tasks.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerPaused",
+            _expr(
+                f"""
+                ({q.process} / {q.limit})
+                and
+                ({q.paused} == 1)
+                """
+            ),
+            c.paused_for,
+            c.paused_severity,
+            "Dask worker {{ $labels.worker_name }} is paused.",
+            f"Worker {_WORKER} has been paused for more than {c.paused_for}: its process "
+            "memory ({{ $value | humanizePercentage }} of its limit) is above the pause "
+            "threshold, so it starts no new tasks and fetches no data.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerNearTermination",
+            _expr(
+                f"""
+                {q.process} / {q.limit}
+                  > {on} ({q.ratio(n.THRESHOLD_TERMINATE)} - {_num(c.near_termination_margin)})
+                """
+            ),
+            c.near_termination_for,
+            c.near_termination_severity,
+            "Dask worker {{ $labels.worker_name }} is about to be restarted by its nanny.",
+            f"Process memory of worker {_WORKER} is at "
+            "{{ $value | humanizePercentage }} of its limit, within "
+            f"{c.near_termination_margin:.0%} of the limit below the terminate threshold. "
+            "Above that the nanny kills the worker; its tasks are recomputed elsewhere, and "
+            "after repeated deaths they fail with KilledWorker.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerUnmanagedMemoryGrowing",
+            _expr(
+                f"""
+                (
+                  predict_linear({q.unmanaged}[{growth_window}], {_num(growth_horizon)})
+                    / {q.limit}
+                    > {on} {q.ratio(n.THRESHOLD_TARGET)}
+                )
+                and
+                (
+                  deriv({q.unmanaged}[{growth_window}]) * {_num(growth_horizon)}
+                    / {q.limit}
+                    > {_num(c.unmanaged_growing_min_ratio)}
+                )
+                and
+                (
+                  deriv({q.unmanaged}[{c.unmanaged_growing_recent_window}])
+                    > {_num(STILL_GROWING)} * deriv({q.unmanaged}[{growth_window}])
+                )
+                """
+            ),
+            c.unmanaged_growing_for,
+            c.unmanaged_growing_severity,
+            "Unmanaged memory of Dask worker {{ $labels.worker_name }} keeps growing.",
+            f"Unmanaged (old) memory of worker {_WORKER} has grown steadily over the last "
+            f"{c.unmanaged_growing_window} and is still growing; at this rate it reaches "
+            f"{{{{ $value | humanizePercentage }}}} of the memory limit within "
+            f"{c.unmanaged_growing_horizon}, past the target threshold. A leak, or memory the "
+            "allocator does not return to the operating system.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerHeartbeatStale",
+            f"{q.heartbeat_age} > {_num(stale_after)}",
+            c.heartbeat_stale_for,
+            c.heartbeat_stale_severity,
+            "Dask worker {{ $labels.worker_name }} has not sent a heartbeat for "
+            "{{ $value | humanizeDuration }}.",
+            f"The scheduler last heard from worker {_WORKER} "
+            "{{ $value | humanizeDuration }} ago. Its event loop is probably blocked (a task "
+            "holding the GIL): it neither spills nor pauses meanwhile, and its memory figures "
+            "are stale.",
+            c,
+        ),
+        _alert(
+            "DaskMemoryExporterSchedulerDown",
+            f"{q.scheduler_up} == 0",
+            c.scheduler_down_for,
+            c.scheduler_down_severity,
+            "dask-memory-exporter {{ $labels.instance }} cannot reach its Dask scheduler.",
+            "The exporter {{ $labels.instance }} (job {{ $labels.job }}) has failed to poll "
+            f"its Dask scheduler for more than {c.scheduler_down_for}. The scheduler is down or "
+            "unreachable; the worker memory metrics are frozen at the last good poll.",
+            c,
+        ),
+        _alert(
+            "DaskMemoryExporterDown",
+            f"{q.up} == 0" + (f"\nor\nabsent({q.up})" if c.exporter_absent_alert else ""),
+            c.exporter_down_for,
+            c.exporter_down_severity,
+            "A dask-memory-exporter target is down or missing.",
+            "Prometheus has not scraped the dask-memory-exporter target "
+            "{{ $labels.instance }} (job {{ $labels.job }}) successfully for more than "
+            f"{c.exporter_down_for}, or no such target exists. Dask worker memory is not "
+            "monitored meanwhile: none of the other Dask memory alerts can fire.",
+            c,
+        ),
+    ]
+    return alerts
+
+
+def add_runbook_links(rules: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
+    """Copy of ``rules`` with ``runbook_url = base#alertname`` added where not set."""
+    out = []
+    for rule in rules:
+        rule = dict(rule)
+        if "alert" in rule:
+            annotations = dict(rule.get("annotations", {}))
+            annotations.setdefault("runbook_url", f"{base}#{rule['alert'].lower()}")
+            rule["annotations"] = annotations
+        out.append(rule)
+    return out
+
+
+def rule_groups(config: MixinConfig) -> dict[str, dict[str, Any]]:
+    """{"alerts": group, "recording": group}: the two rule groups."""
+    return {
+        "alerts": {
+            "name": ALERT_GROUP,
+            "rules": add_runbook_links(alert_rules(config), config.runbook_url_base),
+        },
+        "recording": {"name": RECORDING_GROUP, "rules": recording_rules(config)},
+    }
+
+
+def prometheus_rule(config: MixinConfig) -> dict[str, Any]:
+    """The monitoring.coreos.com/v1 PrometheusRule holding both groups."""
+    groups = rule_groups(config)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": config.prometheus_rule_name,
+            "labels": _labels(config.prometheus_rule_labels, "prometheus_rule_labels"),
+        },
+        "spec": {"groups": [groups["recording"], groups["alerts"]]},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper writing multi-line strings (PromQL) as literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_str(data)
+
+
+_Dumper.add_representer(str, _str)
+
+_HEADER = (
+    "# Generated by exporter/rules.py from MixinConfig: do not edit.\n"
+    "# Regenerate with: dask-memory-exporter generate rules --output-dir deploy/prometheus\n"
+)
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    return _HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
+
+
+def render_files(config: MixinConfig) -> dict[str, str]:
+    """File name -> text of the rule files for ``deploy/prometheus/``."""
+    groups = rule_groups(config)
+    return {
+        ALERTS_FILE: _dump({"groups": [groups["alerts"]]}),
+        RECORDING_FILE: _dump({"groups": [groups["recording"]]}),
+        PROMETHEUS_RULE_FILE: _dump(prometheus_rule(config)),
+    }
