@@ -34,7 +34,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from distributed import LocalCluster
 from distributed.core import rpc
-from distributed.protocol import dumps, loads
+from distributed.protocol.core import dumps, loads
 
 from exporter.app import STATE, metrics
 from exporter.collector import Exposition
