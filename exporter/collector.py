@@ -10,7 +10,7 @@ collect() never awaits and never does I/O.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -26,9 +26,15 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 
 from . import names as n
-from .snapshot import Snapshot
+from .snapshot import Snapshot, WorkerSnapshot
 
-__all__ = ["Exposition", "SnapshotCollector", "package_version"]
+__all__ = [
+    "WORKER_GAUGES",
+    "Exposition",
+    "SnapshotCollector",
+    "package_version",
+    "write_worker_families",
+]
 
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,71 +53,119 @@ _VERSION_LABELS = {
 }
 
 
-class SnapshotCollector(Collector):
-    """Renders one Snapshot. Construct a new one per Snapshot; collect() is pure."""
+@dataclass(frozen=True, slots=True)
+class WorkerGauge:
+    """One per-worker gauge family: its name, help text and how to read it from a worker.
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    ``value`` returns None where the worker has no such figure (no limit, no direct RSS): the
+    series is omitted rather than exported as 0 or NaN. ``per_threshold`` families carry one
+    series per memory-manager threshold, with the ``threshold`` label.
+    """
+
+    name: str
+    doc: str
+    value: Callable[[WorkerSnapshot, Snapshot], float | None]
+    per_threshold: bool = False
+
+
+def _limited(w: WorkerSnapshot, v: float) -> float | None:
+    return v if w.info.memory_limit else None
+
+
+WORKER_GAUGES: tuple[WorkerGauge, ...] = (
+    WorkerGauge(
+        n.WORKER_PROCESS_BYTES,
+        "Worker process memory (RSS) in bytes.",
+        lambda w, s: w.memory.process,
+    ),
+    WorkerGauge(
+        n.WORKER_MANAGED_BYTES,
+        "Managed memory in RAM (Dask keys) in bytes.",
+        lambda w, s: w.memory.managed,
+    ),
+    WorkerGauge(
+        n.WORKER_UNMANAGED_BYTES,
+        "Unmanaged (old) memory in bytes: the minimum over recent-to-old-time.",
+        lambda w, s: w.memory.unmanaged_old,
+    ),
+    WorkerGauge(
+        n.WORKER_UNMANAGED_RECENT_BYTES,
+        "Unmanaged memory that appeared within recent-to-old-time, in bytes.",
+        lambda w, s: w.memory.unmanaged_recent,
+    ),
+    WorkerGauge(
+        n.WORKER_SPILLED_BYTES,
+        "Managed data spilled to disk, in bytes on disk.",
+        lambda w, s: w.memory.spilled,
+    ),
+    WorkerGauge(
+        n.WORKER_LIMIT_BYTES, "Worker memory_limit in bytes.", lambda w, s: w.info.memory_limit
+    ),
+    WorkerGauge(
+        n.WORKER_THRESHOLD_RATIO,
+        "Memory-manager thresholds as a fraction of memory_limit.",
+        lambda w, s: _limited(w, 1.0),
+        per_threshold=True,
+    ),
+    WorkerGauge(
+        n.WORKER_PAUSED,
+        "1 if the worker is paused, else 0.",
+        lambda w, s: 1.0 if w.info.status == "paused" else 0.0,
+    ),
+    WorkerGauge(
+        n.WORKER_HEARTBEAT_AGE_SECONDS,
+        "Seconds since the scheduler last received a heartbeat from the worker.",
+        lambda w, s: max(0.0, s.time - w.info.last_seen),
+    ),
+    WorkerGauge(
+        n.WORKER_RSS_BYTES,
+        "Worker RSS in bytes, read directly from the OS (local mode).",
+        lambda w, s: w.rss,
+    ),
+)
+"""The per-worker families in exposition order; ``per_threshold`` values are multiplied by
+each threshold ratio (a worker without a limit has no thresholds)."""
+
+
+class SnapshotCollector(Collector):
+    """Renders one Snapshot. Construct a new one per Snapshot; collect() is pure.
+
+    The reference rendering through prometheus_client; ``Exposition`` writes the per-worker
+    families directly from the same ``WORKER_GAUGES`` table (about 50x faster at 1,000
+    workers), and a unit test checks that both parse to the same samples.
+    """
+
+    def __init__(self, snapshot: Snapshot, *, workers: bool = True) -> None:
         self.snapshot = snapshot
+        self.workers = workers
 
     def describe(self) -> list[Metric]:
         # Registering must not trigger a collect (prometheus_client calls describe()).
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._worker_families()
+        if self.workers:
+            yield from self._worker_families()
         yield from self._self_families()
 
     def _worker_families(self) -> Iterator[Metric]:
         snap = self.snapshot
-        labels = list(n.WORKER_LABELS)
-
-        def g(name: str, doc: str, extra: Iterable[str] = ()) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=[*labels, *extra])
-
-        process = g(n.WORKER_PROCESS_BYTES, "Worker process memory (RSS) in bytes.")
-        managed = g(n.WORKER_MANAGED_BYTES, "Managed memory in RAM (Dask keys) in bytes.")
-        unmanaged = g(
-            n.WORKER_UNMANAGED_BYTES,
-            "Unmanaged (old) memory in bytes: the minimum over recent-to-old-time.",
-        )
-        recent = g(
-            n.WORKER_UNMANAGED_RECENT_BYTES,
-            "Unmanaged memory that appeared within recent-to-old-time, in bytes.",
-        )
-        spilled = g(n.WORKER_SPILLED_BYTES, "Managed data spilled to disk, in bytes on disk.")
-        limit = g(n.WORKER_LIMIT_BYTES, "Worker memory_limit in bytes.")
-        threshold = g(
-            n.WORKER_THRESHOLD_RATIO,
-            "Memory-manager thresholds as a fraction of memory_limit.",
-            [n.LABEL_THRESHOLD],
-        )
-        paused = g(n.WORKER_PAUSED, "1 if the worker is paused, else 0.")
-        age = g(
-            n.WORKER_HEARTBEAT_AGE_SECONDS,
-            "Seconds since the scheduler last received a heartbeat from the worker.",
-        )
-        rss = g(n.WORKER_RSS_BYTES, "Worker RSS in bytes, read directly from the OS (local mode).")
         thresholds = list(snap.thresholds.items())
-        for w in snap.workers:
-            info, mem = w.info, w.memory
-            lv = [info.address, info.name]
-            process.add_metric(lv, mem.process)
-            managed.add_metric(lv, mem.managed)
-            unmanaged.add_metric(lv, mem.unmanaged_old)
-            recent.add_metric(lv, mem.unmanaged_recent)
-            spilled.add_metric(lv, mem.spilled)
-            if info.memory_limit:
-                limit.add_metric(lv, info.memory_limit)
-                for key, value in thresholds:
-                    threshold.add_metric([*lv, key], value)
-            paused.add_metric(lv, 1.0 if info.status == "paused" else 0.0)
-            age.add_metric(lv, max(0.0, snap.time - info.last_seen))
-            if w.rss is not None:
-                rss.add_metric(lv, w.rss)
-        families = [process, managed, unmanaged, recent, spilled, limit, threshold, paused, age]
-        if any(w.rss is not None for w in snap.workers):
-            families.append(rss)
-        yield from families
+        for g in WORKER_GAUGES:
+            extra = [n.LABEL_THRESHOLD] if g.per_threshold else []
+            fam = GaugeMetricFamily(g.name, g.doc, labels=[*n.WORKER_LABELS, *extra])
+            for w in snap.workers:
+                v = g.value(w, snap)
+                if v is None:
+                    continue
+                lv = [w.info.address, w.info.name]
+                if g.per_threshold:
+                    for key, ratio in thresholds:
+                        fam.add_metric([*lv, key], v * ratio)
+                else:
+                    fam.add_metric(lv, v)
+            if fam.samples:
+                yield fam
 
     def _self_families(self) -> Iterator[Metric]:
         snap = self.snapshot
@@ -175,6 +229,48 @@ class SnapshotCollector(Collector):
         )
 
 
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v: float) -> str:
+    if isinstance(v, int) or v.is_integer():
+        return str(int(v))
+    return repr(v)
+
+
+def write_worker_families(snapshot: Snapshot) -> str:
+    """The per-worker families as exposition text, valid in both formats.
+
+    Gauges with labels look the same in the Prometheus text format and in OpenMetrics; the
+    label set of each worker is escaped once and reused for all its series.
+    """
+    workers = snapshot.workers
+    labelsets = [
+        f'{n.LABEL_WORKER}="{_escape(w.info.address)}",'
+        f'{n.LABEL_WORKER_NAME}="{_escape(w.info.name)}"'
+        for w in workers
+    ]
+    thresholds = [
+        (f',{n.LABEL_THRESHOLD}="{_escape(k)}"', r) for k, r in snapshot.thresholds.items()
+    ]
+    out: list[str] = []
+    for g in WORKER_GAUGES:
+        lines: list[str] = []
+        for w, labels in zip(workers, labelsets, strict=True):
+            v = g.value(w, snapshot)
+            if v is None:
+                continue
+            if g.per_threshold:
+                lines.extend(f"{g.name}{{{labels}{t}}} {_number(v * r)}\n" for t, r in thresholds)
+            else:
+                lines.append(f"{g.name}{{{labels}}} {_number(v)}\n")
+        if lines:
+            out.append(f"# HELP {g.name} {g.doc}\n# TYPE {g.name} gauge\n")
+            out.extend(lines)
+    return "".join(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Exposition:
     """One Snapshot rendered in both exposition formats, plain and gzipped."""
@@ -189,11 +285,12 @@ class Exposition:
     def render(cls, snapshot: Snapshot, *, process_metrics: bool = True) -> Exposition:
         """Render a Snapshot (CPU-bound: the caller runs it off the event loop)."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(snapshot))
+        registry.register(SnapshotCollector(snapshot, workers=False))
         if process_metrics:
             ProcessCollector(registry=registry)
-        text = generate_latest(registry)
-        om = generate_openmetrics(registry)
+        workers = write_worker_families(snapshot).encode()
+        text = workers + generate_latest(registry)
+        om = workers + generate_openmetrics(registry)
         return cls(
             snapshot=snapshot,
             text=text,

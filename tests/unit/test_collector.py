@@ -227,3 +227,34 @@ def test_malformed_worker_is_skipped_and_counted(bad: dict[str, Any]) -> None:
 def test_worker_without_limit_decodes() -> None:
     poll = decode_identity({"workers": {"tcp://w:1": identity_entry(memory_limit=0)}})
     assert poll.workers["tcp://w:1"].memory_limit is None
+
+
+def _reference(snap: Snapshot, openmetrics: bool) -> str:
+    """prometheus_client's own rendering of the full collector."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_om
+
+    from exporter.collector import SnapshotCollector
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SnapshotCollector(snap))
+    return (generate_om(reg) if openmetrics else generate_latest(reg)).decode()
+
+
+def _families(text: str, openmetrics: bool) -> dict[str, Any]:
+    parser = parse_om if openmetrics else text_string_to_metric_families
+    return {
+        f.name: (f.type, f.documentation,
+                 sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples))
+        for f in parser(text)
+    }
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_direct_writer_equals_prometheus_client(openmetrics: bool) -> None:
+    snap = snapshot(worker("a", 1000 * MiB, "paused"), worker("bb", None, rss=77 * MiB),
+                    worker('odd "na\\me"\n', 2000 * MiB, rss=5))
+    expo = Exposition.render(snap, process_metrics=False)
+    fast = (expo.openmetrics if openmetrics else expo.text).decode()
+    assert _families(fast, openmetrics) == _families(_reference(snap, openmetrics), openmetrics)
