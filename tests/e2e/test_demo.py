@@ -73,5 +73,5 @@ def test_demo_shows_leak_and_spill_within_a_minute() -> None:
                 proc.kill()
     assert proc.returncode == 0, out[-2000:]
     assert "Traceback" not in out
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {alive}"
