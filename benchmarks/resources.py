@@ -38,6 +38,7 @@ class Result:
     workers: int
     processes: bool
     seconds: float
+    startup_cpu_seconds: float
     scrapes: int
     rss_start_mib: float
     rss_peak_mib: float
@@ -82,6 +83,7 @@ def measure(workers: int, processes: bool, duration: float, scrape_interval: flo
         n_workers=workers,
         threads_per_worker=1,
         processes=processes,
+        protocol="tcp://",  # in-process workers would default to inproc://, unreachable
         host="127.0.0.1",
         scheduler_port=0,
         dashboard_address="127.0.0.1:0",
@@ -101,6 +103,7 @@ def measure(workers: int, processes: bool, duration: float, scrape_interval: flo
             rss_start = ps.memory_info().rss
             rss_peak = rss_start
             cpu_prev = sum(ps.cpu_times()[:2])
+            startup_cpu = cpu_prev  # CPU time spent until the first successful poll
             t_prev = time.monotonic()
             started, cpu_start = t_prev, cpu_prev
             cpu_samples: list[float] = []
@@ -120,6 +123,7 @@ def measure(workers: int, processes: bool, duration: float, scrape_interval: flo
                 workers=workers,
                 processes=processes,
                 seconds=round(elapsed, 1),
+                startup_cpu_seconds=round(startup_cpu, 2),
                 scrapes=len(latencies),
                 rss_start_mib=round(rss_start / MIB, 1),
                 rss_peak_mib=round(rss_peak / MIB, 1),
@@ -151,13 +155,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(asdict(result)), flush=True)
         results.append(result)
     print()
-    print("| workers | RSS start / peak (MiB) | CPU avg / peak (millicores) | scrape median (ms) |")
-    print("|---|---|---|---|")
+    print(
+        "| workers | startup CPU (s) | RSS start / peak (MiB) "
+        "| CPU avg / peak (millicores) | scrape median (ms) | /metrics (bytes) |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results:
         kind = "processes" if r.processes else "in-process"
         print(
-            f"| {r.workers} ({kind}) | {r.rss_start_mib} / {r.rss_peak_mib} "
-            f"| {r.cpu_avg_millicores} / {r.cpu_peak_millicores} | {r.scrape_median_ms} |"
+            f"| {r.workers} ({kind}) | {r.startup_cpu_seconds} "
+            f"| {r.rss_start_mib} / {r.rss_peak_mib} "
+            f"| {r.cpu_avg_millicores} / {r.cpu_peak_millicores} "
+            f"| {r.scrape_median_ms} | {r.metrics_bytes} |"
         )
 
 
