@@ -33,9 +33,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import names as n
 from exporter.mixin import MixinConfig
-from exporter.rules import render_files
+from exporter.rules import (
+    CLUSTER_PAUSED_WORKERS,
+    CLUSTER_WORKERS,
+    WORKER_PROCESS_LIMIT_RATIO,
+    WORKER_THRESHOLD_BYTES,
+    cluster_sum,
+    render_files,
+)
 from tests.support.promstack import (
     Alertmanager,
+    Prometheus,
     free_port,
     run_alertmanager,
     run_prometheus,
@@ -211,6 +219,35 @@ def _diagnostics(hook: Webhook, demo_log: Path, extra: str = "") -> str:
     return f"{extra}\nwebhook deliveries: {seen}\ndemo output:\n{tail}"
 
 
+def check_recording_rules(prom: Prometheus) -> None:
+    """The recording rules give the right numbers on the demo's real series."""
+    MiB = 2**20
+    assert prom.query_scalar(CLUSTER_WORKERS) == 3
+    assert prom.query_scalar(CLUSTER_PAUSED_WORKERS) == 1  # the leaking worker
+    assert prom.query_scalar(cluster_sum(n.WORKER_LIMIT_BYTES)) == 3 * 300 * MiB
+    pause = prom.query(f'{WORKER_THRESHOLD_BYTES}{{threshold="pause"}}')
+    assert sorted(s.labels[n.LABEL_WORKER_NAME] for s in pause) == ["idle", "leak", "spill"]
+    assert all(s.value == 0.8 * 300 * MiB for s in pause)
+    # Recorded and raw series are sampled a moment apart: compare at one past instant.
+    at = time.time() - 3
+    for name in ("idle", "spill"):
+        recorded = prom.query_scalar(f'{WORKER_PROCESS_LIMIT_RATIO}{{worker_name="{name}"}}', at)
+        raw = prom.query_scalar(
+            f'{n.WORKER_PROCESS_BYTES}{{worker_name="{name}"}}'
+            f' / {n.WORKER_LIMIT_BYTES}{{worker_name="{name}"}}',
+            at,
+        )
+        assert recorded is not None and raw is not None
+        assert abs(recorded - raw) < 0.05, (name, recorded, raw)
+    # The leak is visible as growth of unmanaged (old) memory over the run.
+    series = prom.query_range(
+        f'{n.WORKER_UNMANAGED_BYTES}{{worker_name="leak"}}', time.time() - 40, time.time(), 2
+    )
+    assert len(series) == 1
+    values = [v for _, v in series[0].points]
+    assert values[-1] - values[0] > 50 * MiB, values
+
+
 @pytest.mark.timeout(180)
 async def test_leak_alerts_arrive_before_pause_and_healthy_workers_stay_silent(
     tmp_path: Path,
@@ -252,6 +289,7 @@ async def test_leak_alerts_arrive_before_pause_and_healthy_workers_stay_silent(
                     await asyncio.sleep(0.2)
             rule_errors = await asyncio.to_thread(prom.rule_errors)
             firing_in_prometheus = await asyncio.to_thread(prom.alerts)
+            await asyncio.to_thread(check_recording_rules, prom)
     wall = time.monotonic() - started
 
     assert not rule_errors, rule_errors
