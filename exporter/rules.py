@@ -375,10 +375,11 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
             c.exporter_down_for,
             c.exporter_down_severity,
             "A dask-memory-exporter target is down or missing.",
-            "Prometheus has not scraped the dask-memory-exporter target "
-            "{{ $labels.instance }} (job {{ $labels.job }}) successfully for more than "
-            f"{c.exporter_down_for}, or no such target exists. Dask worker memory is not "
-            "monitored meanwhile: none of the other Dask memory alerts can fire.",
+            'Job {{ $labels.job }}: Prometheus has not scraped the exporter target "'
+            '{{ $labels.instance }}" successfully for more than '
+            f"{c.exporter_down_for}, or the job has no target at all (empty instance). Dask "
+            "worker memory is not monitored meanwhile: none of the other Dask memory alerts "
+            "can fire.",
             c,
         ),
     ]

@@ -32,7 +32,7 @@ RULES_DIR = ROOT / "deploy" / "prometheus"
 PROMTOOL_TESTS = sorted((ROOT / "tests" / "rules").glob("*.yaml"))
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yaml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
-CRD = Path("/work/shared/schemas/crds/monitoring.coreos.com_prometheusrules.yaml")
+CRD = ROOT / "tests" / "schemas" / "crds" / "monitoring.coreos.com_prometheusrules.yaml"
 
 EXPECTED_ALERTS = {
     "DaskWorkerMemoryHighNoDataToSpill",

@@ -1,0 +1,538 @@
+"""Write the promtool unit tests tests/rules/alerts-test.yaml and recording-test.yaml.
+
+The cases (input series, evaluation times, expected values) are written here by hand; only the
+annotation texts are copied from the rules, with ``$labels``/``$value`` filled in by hand-computed
+values. After changing an annotation or adding a case, run
+``.venv/bin/python tests/rules/generate.py`` and review the diff of the
+YAML files: they are the specification that tests/unit/test_rules.py runs with promtool.
+Values are bytes; the limit is 1e9, so ratios read directly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter import names as n
+from exporter.mixin import MixinConfig
+from exporter.rules import (
+    CLUSTER_PAUSED_WORKERS,
+    CLUSTER_PROCESS_LIMIT_RATIO,
+    CLUSTER_WORKERS,
+    WORKER_PROCESS_LIMIT_RATIO,
+    WORKER_THRESHOLD_BYTES,
+    add_runbook_links,
+    alert_rules,
+    cluster_sum,
+    unmanaged_deriv,
+)
+
+HERE = Path(__file__).resolve().parent
+CONFIG = MixinConfig()
+RULES = {r["alert"]: r for r in add_runbook_links(alert_rules(CONFIG), CONFIG.runbook_url_base)}
+JOB = "dask-memory-exporter"
+INSTANCE = "exporter:9787"
+THRESHOLDS = (
+    (n.THRESHOLD_TARGET, 0.6),
+    (n.THRESHOLD_SPILL, 0.7),
+    (n.THRESHOLD_PAUSE, 0.8),
+    (n.THRESHOLD_TERMINATE, 0.95),
+)
+
+NO_DATA = "DaskWorkerMemoryHighNoDataToSpill"
+PREDICTED = "DaskWorkerPausePredicted"
+PAUSED = "DaskWorkerPaused"
+NEAR_TERMINATION = "DaskWorkerNearTermination"
+GROWING = "DaskWorkerUnmanagedMemoryGrowing"
+STALE = "DaskWorkerHeartbeatStale"
+SCHEDULER_DOWN = "DaskMemoryExporterSchedulerDown"
+EXPORTER_DOWN = "DaskMemoryExporterDown"
+
+Labels = dict[str, str]
+
+
+class Flow(dict[str, str]):
+    """A mapping written on one line (input series)."""
+
+
+def worker(name: str, port: int, instance: str = INSTANCE) -> Labels:
+    return {
+        "instance": instance,
+        "worker": f"tcp://10.0.0.{port % 100}:{port}",
+        "worker_name": name,
+    }
+
+
+def selector(labels: Labels) -> str:
+    return "{" + ", ".join([f'job="{JOB}"'] + [f'{k}="{v}"' for k, v in labels.items()]) + "}"
+
+
+def render_annotations(alert: str, labels: Labels, value: str | None) -> Labels:
+    out = {}
+    for key, text in RULES[alert]["annotations"].items():
+        text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
+        if "$value" in text:
+            assert value is not None, f"{alert} shows $value: give the expected text"
+            text = re.sub(r"\{\{ \$value \| humanize\w+ \}\}", value, text)
+        out[key] = text
+    return out
+
+
+def expect(alert: str, labels: Labels, value: str | None = None) -> dict[str, Any]:
+    """An expected firing alert; ``value`` is $value as its annotation renders it."""
+    full = {"job": JOB, **labels, "severity": RULES[alert]["labels"]["severity"]}
+    return {"exp_labels": full, "exp_annotations": render_annotations(alert, full, value)}
+
+
+def check(alert: str, at: str, *alerts: dict[str, Any]) -> dict[str, Any]:
+    return {"eval_time": at, "alertname": alert, "exp_alerts": list(alerts)}
+
+
+def series(
+    labels: Labels,
+    *,
+    process: str,
+    managed: str,
+    unmanaged: str,
+    recent: str,
+    paused: str,
+    limit: str | None = None,
+    spilled: str | None = None,
+    heartbeat: str | None = None,
+) -> list[Flow]:
+    """Input series of one worker; ``limit`` is e.g. ``1e9x10`` (thresholds follow it)."""
+    out = []
+
+    def add(metric: str, values: str, **extra: str) -> None:
+        out.append(Flow(series=metric + selector({**labels, **extra}), values=values))
+
+    add(n.WORKER_PROCESS_BYTES, process)
+    add(n.WORKER_MANAGED_BYTES, managed)
+    add(n.WORKER_UNMANAGED_BYTES, unmanaged)
+    add(n.WORKER_UNMANAGED_RECENT_BYTES, recent)
+    add(n.WORKER_PAUSED, paused)
+    if spilled:
+        add(n.WORKER_SPILLED_BYTES, spilled)
+    if heartbeat:
+        add(n.WORKER_HEARTBEAT_AGE_SECONDS, heartbeat)
+    if limit:
+        add(n.WORKER_LIMIT_BYTES, limit)
+        _, rest = limit.split("x", 1)
+        for threshold, ratio in THRESHOLDS:
+            add(n.WORKER_THRESHOLD_RATIO, f"{ratio}x{rest}", threshold=threshold)
+    return out
+
+
+def alert_tests() -> list[dict[str, Any]]:
+    tests = []
+
+    leaky = worker("leaky", 40001)
+    leaky_b = worker("leaky", 40001, "exporter-b:9787")
+    spiller = worker("spiller", 40002)
+    idle = worker("idle", 40003)
+    nolimit = worker("nolimit", 40004)
+    flat = {"managed": "0x10", "paused": "0x10", "limit": "1e9x10"}
+    tests.append(
+        {
+            "name": f"{NO_DATA} fires after 1m for a worker above spill with nothing to spill; "
+            "not for a worker that can spill down, an idle worker or a worker without a limit; "
+            "a second exporter scraping the same scheduler gives its own alert",
+            "interval": "30s",
+            "input_series": [
+                *series(leaky, process="750e6x10", unmanaged="700e6x10", recent="50e6x10", **flat),
+                *series(
+                    leaky_b, process="750e6x10", unmanaged="700e6x10", recent="50e6x10", **flat
+                ),
+                *series(
+                    spiller,
+                    process="750e6x10",
+                    managed="450e6x10",
+                    unmanaged="250e6x10",
+                    recent="50e6x10",
+                    paused="0x10",
+                    spilled="2e9x10",
+                    limit="1e9x10",
+                ),
+                *series(idle, process="70e6x10", unmanaged="70e6x10", recent="0x10", **flat),
+                *series(
+                    nolimit,
+                    process="5e9x10",
+                    managed="0x10",
+                    unmanaged="5e9x10",
+                    recent="0x10",
+                    paused="0x10",
+                ),
+            ],
+            "alert_rule_test": [
+                check(NO_DATA, "0m"),
+                check(NO_DATA, "30s"),
+                # (750e6 - 0) / 1e9
+                check(
+                    NO_DATA, "2m", expect(NO_DATA, leaky, "75%"), expect(NO_DATA, leaky_b, "75%")
+                ),
+                check(PREDICTED, "4m"),
+                check(PAUSED, "4m"),
+                check(NEAR_TERMINATION, "4m"),
+                check(GROWING, "4m"),
+            ],
+        }
+    )
+
+    spiky = worker("spiky", 40005)
+    tests.append(
+        {
+            "name": "A short task-heap spike of unmanaged recent memory that falls back "
+            "fires nothing",
+            "interval": "30s",
+            "input_series": series(
+                spiky,
+                process="300e6x3 780e6 780e6 300e6x30",
+                managed="0x35",
+                unmanaged="298e6x35",
+                recent="2e6x3 482e6 482e6 2e6x30",
+                paused="0x35",
+                limit="1e9x35",
+                heartbeat="0.5x35",
+            ),
+            "alert_rule_test": [
+                *(check(NO_DATA, t) for t in ("1m30s", "2m", "2m30s", "5m")),
+                *(check(PREDICTED, t) for t in ("2m", "5m", "10m", "15m")),
+                *(check(NEAR_TERMINATION, t) for t in ("2m", "5m")),
+                check(GROWING, "17m"),
+            ],
+        }
+    )
+
+    # Unmanaged (old) grows 4e6 per minute (66.7 kB/s); process = unmanaged + 2e6 recent.
+    # process crosses pause (800e6) between 174m and 175m, where paused turns 1.
+    leak = worker("leak", 40006)
+    tests.append(
+        {
+            "name": f"A steady unmanaged leak: {GROWING}, then {PREDICTED} 25m and {NO_DATA} 24m "
+            f"before the pause, then {PAUSED} and {NEAR_TERMINATION}",
+            "interval": "1m",
+            "input_series": series(
+                leak,
+                process="102e6+4e6x200",
+                managed="0x200",
+                unmanaged="100e6+4e6x200",
+                recent="2e6x200",
+                paused="0x174 1x26",
+                limit="1e9x200",
+                heartbeat="0.5x200",
+            ),
+            "alert_rule_test": [
+                check(GROWING, "15m30s"),
+                # active from 1m; at 16m: 164e6 + 66.7e3/s * 4h = 1124e6
+                check(GROWING, "16m", expect(GROWING, leak, "112.4%")),
+                # active from 145m (682e6 + 66.7e3/s * 30m = 802e6); at 150m: 702e6 + 120e6
+                check(PREDICTED, "149m30s"),
+                check(PREDICTED, "150m", expect(PREDICTED, leak, "82.2%")),
+                # above spill from 150m (702e6); at 151m: 706e6 of unmanaged memory
+                check(NO_DATA, "150m30s"),
+                check(NO_DATA, "151m", expect(NO_DATA, leak, "70.6%")),
+                check(PAUSED, "175m30s"),
+                check(PAUSED, "176m", expect(PAUSED, leak, "80.6%")),
+                check(PREDICTED, "176m"),
+                # above 0.95 - 0.05 from 200m (902e6)
+                check(NEAR_TERMINATION, "199m30s"),
+                check(NEAR_TERMINATION, "200m30s", expect(NEAR_TERMINATION, leak, "90.2%")),
+            ],
+        }
+    )
+
+    # Managed data fills to 600e6, then is spilled to 500e6 and refilled, every 30 s.
+    spill = worker("spill", 40007)
+    managed = [i * 50_000_000 for i in range(13)] + [500_000_000, 600_000_000] * 30
+    last = len(managed) - 1
+    tests.append(
+        {
+            "name": "A healthy worker whose managed data grows and is spilled around the spill "
+            "threshold fires nothing",
+            "interval": "30s",
+            "input_series": series(
+                spill,
+                process=" ".join(str(m + 151_000_000) for m in managed),
+                managed=" ".join(str(m) for m in managed),
+                unmanaged=f"150e6x{last}",
+                recent=f"1e6x{last}",
+                paused=f"0x{last}",
+                spilled=f"0+100e6x{last}",
+                limit=f"1e9x{last}",
+                heartbeat=f"0.5x{last}",
+            ),
+            "alert_rule_test": [
+                check(alert, t)
+                for alert in (NO_DATA, PREDICTED, GROWING, NEAR_TERMINATION)
+                for t in ("5m", "10m", "20m", "30m")
+            ],
+        }
+    )
+
+    gone = worker("gone", 40008)
+    tests.append(
+        {
+            "name": "The alerts of a worker that leaves resolve at once",
+            "interval": "1m",
+            "input_series": series(
+                gone,
+                process="102e6+4e6x159 stale",
+                managed="0x159 stale",
+                unmanaged="100e6+4e6x159 stale",
+                recent="2e6x159 stale",
+                paused="0x159 stale",
+                limit="1e9x159 stale",
+                heartbeat="0.5x159 stale",
+            ),
+            "alert_rule_test": [
+                # at 155m: 722e6 + 120e6; 722e6 unmanaged; 720e6 + 960e6
+                check(PREDICTED, "155m", expect(PREDICTED, gone, "84.2%")),
+                check(NO_DATA, "155m", expect(NO_DATA, gone, "72.2%")),
+                check(GROWING, "155m", expect(GROWING, gone, "168%")),
+                check(PREDICTED, "160m"),
+                check(NO_DATA, "160m"),
+                check(GROWING, "160m"),
+                check(STALE, "170m"),
+            ],
+        }
+    )
+
+    blocked = worker("blocked", 40009)
+    tests.append(
+        {
+            "name": f"{STALE} fires when a worker's heartbeat is older than 1m for 1m",
+            "interval": "30s",
+            "input_series": series(
+                blocked,
+                process="200e6x15",
+                managed="0x15",
+                unmanaged="200e6x15",
+                recent="0x15",
+                paused="0x15",
+                limit="1e9x15",
+                heartbeat="0.5x4 30+30x10",
+            ),
+            "alert_rule_test": [
+                check(STALE, "4m"),
+                check(STALE, "4m30s", expect(STALE, blocked, "2m 30s")),
+            ],
+        }
+    )
+
+    target = {"instance": INSTANCE}
+    other_up = Flow(series='up{job="other", instance="other:9100"}', values="0x24")
+    tests.append(
+        {
+            "name": f"{SCHEDULER_DOWN} fires after 2m without a successful poll; "
+            f"{EXPORTER_DOWN} after 5m of failed scrapes",
+            "interval": "30s",
+            "input_series": [
+                Flow(series=n.SCHEDULER_UP + selector(target), values="1x4 0x20"),
+                Flow(series="up" + selector(target), values="1x4 0x20"),
+                other_up,
+            ],
+            "alert_rule_test": [
+                check(SCHEDULER_DOWN, "4m"),
+                check(SCHEDULER_DOWN, "4m30s", expect(SCHEDULER_DOWN, target)),
+                check(EXPORTER_DOWN, "7m"),
+                check(EXPORTER_DOWN, "7m30s", expect(EXPORTER_DOWN, target)),
+            ],
+        }
+    )
+    tests.append(
+        {
+            "name": f"{EXPORTER_DOWN} fires when no exporter target exists at all",
+            "interval": "30s",
+            "input_series": [Flow(series='up{job="other", instance="other:9100"}', values="1x20")],
+            "alert_rule_test": [
+                check(EXPORTER_DOWN, "4m30s"),
+                check(EXPORTER_DOWN, "5m", expect(EXPORTER_DOWN, {})),
+            ],
+        }
+    )
+
+    step = worker("step", 40010)
+    creep = worker("creep", 40011)
+    tests.append(
+        {
+            "name": f"{GROWING} and {PREDICTED} ignore a one-off step of unmanaged memory; "
+            f"{GROWING} ignores a slow creep far below the target",
+            "interval": "1m",
+            "input_series": [
+                *series(
+                    step,
+                    process="100e6x30 500e6x60",
+                    managed="0x90",
+                    unmanaged="100e6x30 500e6x60",
+                    recent="0x90",
+                    paused="0x90",
+                    limit="1e9x90",
+                ),
+                *series(
+                    creep,
+                    process="150e6+360e3x90",
+                    managed="0x90",
+                    unmanaged="150e6+360e3x90",
+                    recent="0x90",
+                    paused="0x90",
+                    limit="1e9x90",
+                ),
+            ],
+            "alert_rule_test": [
+                *(check(GROWING, f"{t}m") for t in (31, 35, 40, 45, 50, 60, 75, 90)),
+                *(check(PREDICTED, f"{t}m") for t in (31, 35, 40, 45, 50)),
+            ],
+        }
+    )
+    return tests
+
+
+def sample(name: str, labels: Labels, value: float) -> dict[str, Any]:
+    return {
+        "labels": name + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}",
+        "value": value,
+    }
+
+
+def recording_tests() -> list[dict[str, Any]]:
+    a, b, nolimit = worker("a", 40001), worker("b", 40002), worker("nolimit", 40003)
+    cluster = {"job": JOB, "instance": INSTANCE}
+
+    def of(w: Labels) -> Labels:
+        return {"job": JOB, **w}
+
+    def total(metric: str, value: float) -> dict[str, Any]:
+        return {
+            "expr": cluster_sum(metric),
+            "eval_time": "5m",
+            "exp_samples": [sample(cluster_sum(metric), cluster, value)],
+        }
+
+    def one(record: str, value: float) -> dict[str, Any]:
+        return {"expr": record, "eval_time": "5m", "exp_samples": [sample(record, cluster, value)]}
+
+    deriv = unmanaged_deriv(CONFIG)
+    return [
+        {
+            "name": "Cluster totals and per-worker ratios; a worker without a limit counts in the "
+            "sums but not in the ratios",
+            "interval": "1m",
+            "input_series": [
+                *series(
+                    a,
+                    process="600e6x10",
+                    managed="300e6x10",
+                    unmanaged="250e6x10",
+                    recent="50e6x10",
+                    paused="1x10",
+                    spilled="1e9x10",
+                    limit="1e9x10",
+                ),
+                *series(
+                    b,
+                    process="200e6+1e6x10",
+                    managed="0x10",
+                    unmanaged="100e6+1e6x10",
+                    recent="100e6x10",
+                    paused="0x10",
+                    spilled="0x10",
+                    limit="500e6x10",
+                ),
+                *series(
+                    nolimit,
+                    process="400e6x10",
+                    managed="100e6x10",
+                    unmanaged="300e6x10",
+                    recent="0x10",
+                    paused="0x10",
+                    spilled="0x10",
+                ),
+            ],
+            "promql_expr_test": [
+                # at 5m: a 600e6, b 205e6, nolimit 400e6
+                total(n.WORKER_PROCESS_BYTES, 1205e6),
+                total(n.WORKER_MANAGED_BYTES, 400e6),
+                total(n.WORKER_UNMANAGED_BYTES, 655e6),
+                total(n.WORKER_UNMANAGED_RECENT_BYTES, 150e6),
+                total(n.WORKER_SPILLED_BYTES, 1e9),
+                total(n.WORKER_LIMIT_BYTES, 1.5e9),
+                one(CLUSTER_WORKERS, 3),
+                one(CLUSTER_PAUSED_WORKERS, 1),
+                # (600e6 + 205e6) / 1.5e9: the worker without a limit is left out of both sides
+                one(CLUSTER_PROCESS_LIMIT_RATIO, 805e6 / 1.5e9),
+                {
+                    "expr": WORKER_PROCESS_LIMIT_RATIO,
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        sample(WORKER_PROCESS_LIMIT_RATIO, of(a), 0.6),
+                        sample(WORKER_PROCESS_LIMIT_RATIO, of(b), 0.41),
+                    ],
+                },
+                {
+                    "expr": WORKER_THRESHOLD_BYTES + '{worker_name="b"}',
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        sample(WORKER_THRESHOLD_BYTES, {**of(b), "threshold": t}, ratio * 500e6)
+                        for t, ratio in THRESHOLDS
+                    ],
+                },
+                {
+                    "expr": deriv,
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        sample(deriv, of(a), 0),
+                        sample(deriv, of(b), 1e6 / 60),
+                        sample(deriv, of(nolimit), 0),
+                    ],
+                },
+            ],
+        }
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _flow(dumper: yaml.SafeDumper, data: Flow) -> yaml.MappingNode:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True)
+
+
+_Dumper.add_representer(Flow, _flow)
+
+HEADER = """\
+# promtool unit tests: promtool test rules tests/rules/{name} (run by tests/unit/test_rules.py)
+# on the generated {rules} (MixinConfig defaults).
+# Written by tests/rules/generate.py: edit the cases there, regenerate, review the diff.
+# Case names say what must happen. Values are bytes; the limit is 1e9 so that ratios read directly.
+"""
+
+
+def render() -> dict[str, str]:
+    docs = {
+        "alerts-test.yaml": ("dask-memory-alerts.yaml", "30s", alert_tests()),
+        "recording-test.yaml": ("dask-memory-recording.yaml", "1m", recording_tests()),
+    }
+    out = {}
+    for name, (rules, interval, tests) in docs.items():
+        doc = {
+            "rule_files": [f"../../deploy/prometheus/{rules}"],
+            "evaluation_interval": interval,
+            "tests": tests,
+        }
+        body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=10000)
+        out[name] = HEADER.format(name=name, rules=f"deploy/prometheus/{rules}") + body
+    return out
+
+
+def main() -> None:
+    for name, text in render().items():
+        (HERE / name).write_text(text)
+        print(HERE / name)
+
+
+if __name__ == "__main__":
+    main()
