@@ -8,8 +8,9 @@ rule reads ``dask_memory_worker_threshold_ratio{threshold=...}`` and
 ``dask_memory_worker_limit_bytes`` from the exporter, so a cluster with other Dask settings is
 judged by its own. A worker without a memory limit has neither series, so the memory alerts
 ignore it (Dask does not manage its memory either). The reasoning behind each expression is in
-``docs/alerts.md``; what to do when one fires is in ``docs/runbooks.md``. The PromQL needs
-Prometheus 2.7 or later (subqueries are not used; ``predict_linear``/``deriv`` are old).
+``docs/alerts.md``; what to do when one fires is in ``docs/runbooks.md``. Needs Prometheus
+2.11 or later (``humanizePercentage`` in annotations; the PromQL itself is older, with no
+subqueries and no ``mad_over_time``); tested with 2.42.
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ class _Q:
         self.process = n.WORKER_PROCESS_BYTES + sel
         self.managed = n.WORKER_MANAGED_BYTES + sel
         self.unmanaged = n.WORKER_UNMANAGED_BYTES + sel
-        self.recent = n.WORKER_UNMANAGED_RECENT_BYTES + sel
         self.limit = n.WORKER_LIMIT_BYTES + sel
         self.paused = n.WORKER_PAUSED + sel
         self.heartbeat_age = n.WORKER_HEARTBEAT_AGE_SECONDS + sel
