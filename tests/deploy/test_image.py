@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import yaml
 from podman_support import Unavailable, build_image, ensure_base_image, podman
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +47,16 @@ def _get(url: str, timeout: float = 3.0) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def _documented_memory_request() -> int:
+    """The memory request of docs/resources.md's resources block, in bytes (Mi only)."""
+    doc = (ROOT / "docs" / "resources.md").read_text()
+    m = re.search(r"```yaml\n(resources:\n.*?)```", doc, re.S)
+    assert m, "docs/resources.md has no ```yaml resources: block"
+    value = str(yaml.safe_load(m.group(1))["resources"]["requests"]["memory"])
+    assert value.endswith("Mi"), value
+    return int(value[:-2]) * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +169,15 @@ def test_image_serves_a_real_scheduler(image: str, cluster: tuple[str, set[str]]
         seen = set(re.findall(worker_re, metrics, re.M))
         assert seen == workers
         assert _get(f"{base}/healthz")[0] == 200
+
+        # The containerised exporter fits the documented memory request (docs/resources.md).
+        pid = int(podman(["inspect", "--format", "{{.State.Pid}}", name]).stdout.strip())
+        rss = psutil.Process(pid).memory_info().rss
+        request = _documented_memory_request()
+        print(
+            f"exporter RSS in the container: {rss / 2**20:.1f} MiB (request {request / 2**20} MiB)"
+        )
+        assert rss < request
 
         # The image's own HEALTHCHECK command, run inside the container.
         health = podman(["healthcheck", "run", name], check=False)
