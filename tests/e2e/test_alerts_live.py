@@ -386,3 +386,28 @@ async def test_alertmanager_example_routes_and_inhibits() -> None:
             # two more group intervals to be sure that they are not coming.
             await asyncio.sleep(2.5)
     assert seen() == expected
+
+
+@pytest.mark.timeout(60)
+def test_committed_rules_load_and_evaluate_in_prometheus() -> None:
+    """The committed defaults load in a real Prometheus 2.42 and evaluate without errors.
+
+    Nothing is scraped, so the exporter's job is absent: DaskMemoryExporterDown's absent()
+    part becomes pending (its for: is 5m), and every other rule evaluates to nothing.
+    """
+    rules_dir = ROOT / "deploy" / "prometheus"
+    with run_prometheus(
+        rule_files=[rules_dir / "dask-memory-alerts.yaml", rules_dir / "dask-memory-recording.yaml"]
+    ) as prom:
+        groups = prom.rules()
+        assert sorted(g["name"] for g in groups) == [
+            "dask-memory-exporter.alerts",
+            "dask-memory-exporter.rules",
+        ]
+        deadline = time.monotonic() + 20
+        while any(r.get("health") != "ok" for g in prom.rules() for r in g["rules"]):
+            assert time.monotonic() < deadline, prom.rule_errors() or prom.rules()
+            time.sleep(0.25)
+        pending = prom.wait_for('ALERTS{alertname="DaskMemoryExporterDown"}', timeout=20)
+        assert pending[0].labels["alertstate"] == "pending"
+        assert pending[0].labels["job"] == "dask-memory-exporter"
