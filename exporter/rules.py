@@ -126,6 +126,14 @@ class _Q:
         return n.WORKER_THRESHOLD_RATIO + self.c.selector(f'{n.LABEL_THRESHOLD}="{threshold}"')
 
     @property
+    def target(self) -> str:
+        """The target ratio, or the spill ratio where target is disabled (as Dask falls back)."""
+        return (
+            f"({self.ratio(n.THRESHOLD_TARGET)} "
+            f"or {self.on_threshold} {self.ratio(n.THRESHOLD_SPILL)})"
+        )
+
+    @property
     def on_threshold(self) -> str:
         """Matching clause joining a per-worker vector with one threshold's ratio."""
         return f"ignoring({n.LABEL_THRESHOLD})"
@@ -227,7 +235,7 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
                 f"""
                 (
                   ({q.process} - {q.managed}) / {q.limit}
-                    > {on} {q.ratio(n.THRESHOLD_TARGET)}
+                    > {on} {q.target}
                 )
                 and
                 (
@@ -320,7 +328,7 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
                 (
                   predict_linear({q.unmanaged}[{growth_window}], {_num(growth_horizon)})
                     / {q.limit}
-                    > {on} {q.ratio(n.THRESHOLD_TARGET)}
+                    > {on} {q.target}
                 )
                 and
                 (

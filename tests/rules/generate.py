@@ -102,6 +102,7 @@ def series(
     limit: str | None = None,
     spilled: str | None = None,
     heartbeat: str | None = None,
+    thresholds: tuple[tuple[str, float], ...] = THRESHOLDS,
 ) -> list[Flow]:
     """Input series of one worker; ``limit`` is e.g. ``1e9x10`` (thresholds follow it)."""
     out = []
@@ -121,7 +122,7 @@ def series(
     if limit:
         add(n.WORKER_LIMIT_BYTES, limit)
         _, rest = limit.split("x", 1)
-        for threshold, ratio in THRESHOLDS:
+        for threshold, ratio in thresholds:
             add(n.WORKER_THRESHOLD_RATIO, f"{ratio}x{rest}", threshold=threshold)
     return out
 
@@ -178,6 +179,41 @@ def alert_tests() -> list[dict[str, Any]]:
                 check(NEAR_TERMINATION, "4m"),
                 check(GROWING, "4m"),
             ],
+        }
+    )
+
+    # distributed.worker.memory.target: false -> the exporter omits it; Dask spills down to
+    # the spill threshold instead, and so does the alert judge.
+    no_target = worker("notarget", 40012)
+    without_target = tuple(t for t in THRESHOLDS if t[0] != n.THRESHOLD_TARGET)
+    tests.append(
+        {
+            "name": f"{NO_DATA} judges against the spill threshold when target is disabled",
+            "interval": "30s",
+            "input_series": [
+                *series(
+                    no_target,
+                    process="750e6x10",
+                    managed="0x10",
+                    unmanaged="720e6x10",
+                    recent="30e6x10",
+                    paused="0x10",
+                    limit="1e9x10",
+                    thresholds=without_target,
+                ),
+                # 650e6 unmanaged: above target (0.6) but not above spill (0.7): silent
+                *series(
+                    worker("notarget-ok", 40013),
+                    process="750e6x10",
+                    managed="100e6x10",
+                    unmanaged="640e6x10",
+                    recent="10e6x10",
+                    paused="0x10",
+                    limit="1e9x10",
+                    thresholds=without_target,
+                ),
+            ],
+            "alert_rule_test": [check(NO_DATA, "2m", expect(NO_DATA, no_target, "75%"))],
         }
     )
 
