@@ -24,7 +24,8 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from podman_support import Unavailable, build_image, ensure_base_image, podman
+
+from tests.deploy.podman_support import Unavailable, build_image, ensure_base_image, podman
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
