@@ -194,7 +194,15 @@ def build_image(context: Path, tag: str, base: str) -> subprocess.CompletedProce
         # Debian's pip trusts the system bundle: mount the host's over it, so that a proxy's
         # CA that the host trusts for PyPI is trusted inside the build too.
         args += ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-    return podman([*args, str(context)], timeout=900)
+    with _lock():  # builds and prunes of concurrent test runs must not interleave
+        return podman([*args, str(context)], timeout=900)
+
+
+def remove_image(tag: str) -> None:
+    """Remove a test image and the dangling stage images its build left."""
+    with _lock():
+        podman(["rmi", "--force", tag], check=False)
+        podman(["image", "prune", "--force"], check=False)
 
 
 if __name__ == "__main__":

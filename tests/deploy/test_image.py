@@ -25,7 +25,13 @@ import psutil
 import pytest
 import yaml
 
-from tests.deploy.podman_support import Unavailable, build_image, ensure_base_image, podman
+from tests.deploy.podman_support import (
+    Unavailable,
+    build_image,
+    ensure_base_image,
+    podman,
+    remove_image,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -75,8 +81,7 @@ def image() -> Iterator[str]:
     build_image(ROOT, tag, base)
     print(f"image build took {time.monotonic() - started:.1f} s")
     yield tag
-    podman(["rmi", "--force", tag], check=False)
-    podman(["image", "prune", "--force"], check=False)
+    remove_image(tag)
 
 
 @pytest.fixture(scope="module")
