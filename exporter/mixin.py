@@ -31,6 +31,13 @@ class MixinConfig:
     dashboard_tags: tuple[str, ...] = ("dask", "dask-memory-exporter")
     """Tags applied to every generated dashboard."""
 
+    dashboard_time_from: str = "now-1h"
+    """Default time range of the generated dashboards (``from``; ``to`` is now)."""
+
+    dashboard_recording_rules: bool = True
+    """Cluster totals over time read the recording rules (``dask_cluster:...:sum``, loaded from
+    deploy/prometheus/); set False for a Prometheus without them (raw sums, heavier)."""
+
     # --- alerts and recording rules (rules.py) ------------------------------------------
     # Memory thresholds are not settings: every rule reads them from the exporter's
     # dask_memory_worker_threshold_ratio and dask_memory_worker_limit_bytes series, so each
