@@ -49,7 +49,12 @@ Obj = dict[str, Any]
 
 
 def test_every_topology_has_an_overlay() -> None:
-    assert set(OVERLAYS) == {"scheduler-sidecar", "worker-sidecar", "dask-operator"}
+    assert set(OVERLAYS) == {
+        "scheduler-sidecar",
+        "worker-sidecar",
+        "dask-operator",
+        "servicemonitor",
+    }
     assert (KUBE / "helm" / "post-render.sh").stat().st_mode & 0o111
 
 
@@ -120,8 +125,10 @@ def _exporters(objs: list[Obj]) -> list[tuple[str, Obj, Obj, Obj]]:
 
 @pytest.mark.parametrize("name", RENDERINGS)
 def test_renders(name: str) -> None:
-    kinds = {o["kind"] for o in _objects(name)}
-    assert {"PodMonitor", "PrometheusRule"} <= kinds
+    kinds = [o["kind"] for o in _objects(name)]
+    assert "PrometheusRule" in kinds
+    # Exactly one way of scraping, so no series is collected twice.
+    assert kinds.count("PodMonitor") + kinds.count("ServiceMonitor") == 1, kinds
     assert _exporters(_objects(name)), f"{name}: no {SIDECAR} container"
 
 
@@ -192,9 +199,12 @@ def _crd_schemas() -> dict[str, dict[str, Obj]]:
 def test_crd_copies_are_upstream() -> None:
     """tests/schemas holds the CRDs unchanged, and says where each came from."""
     provenance = (CRDS.parent / "PROVENANCE.md").read_text()
+    shared = ROOT.parent / "shared" / "schemas" / "crds"  # the project's shared folder, if here
     for path in CRDS.glob("*.yaml"):
-        assert path.name in provenance
-    assert set(_crd_schemas()) == {"PodMonitor", "PrometheusRule", "DaskCluster"}
+        assert f"crds/{path.name}" in provenance
+        if (shared / path.name).exists():
+            assert path.read_bytes() == (shared / path.name).read_bytes(), path.name
+    assert set(_crd_schemas()) == {"PodMonitor", "ServiceMonitor", "PrometheusRule", "DaskCluster"}
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
@@ -272,19 +282,38 @@ def test_exporter_resources_match_docs() -> None:
             assert res == documented, name
 
 
-@pytest.mark.parametrize("name", RENDERINGS)
-def test_scrape_target_and_job(name: str) -> None:
-    """The PodMonitor scrapes exactly the pods with a sidecar, under the job the alerts use."""
-    objs = _objects(name)
-    (monitor,) = _find(objs, "PodMonitor")
-    selector = monitor["spec"]["selector"]
-    assert selector == {"matchExpressions": [{"key": SIDECAR_LABEL, "operator": "Exists"}]}
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] == PORT_NAME
+def _job_relabel_ok(endpoint: Obj) -> bool:
     job = re.fullmatch(r'job="([^"]+)"', MixinConfig().exporter_selector)
     assert job, MixinConfig().exporter_selector
-    relabel = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
-    assert relabel and relabel[0]["replacement"] == job.group(1)
+    relabel = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+    return bool(relabel) and relabel[-1]["replacement"] == job.group(1)
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_scrape_target_and_job(name: str) -> None:
+    """The exporters are scraped, and only they, under the job the alerts select."""
+    objs = _objects(name)
+    for monitor in _find(objs, "PodMonitor"):
+        selector = monitor["spec"]["selector"]
+        assert selector == {"matchExpressions": [{"key": SIDECAR_LABEL, "operator": "Exists"}]}
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] == PORT_NAME
+        assert _job_relabel_ok(endpoint)
+    for monitor in _find(objs, "ServiceMonitor"):
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == PORT_NAME
+        assert _job_relabel_ok(endpoint)
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        services = [
+            o for o in _find(objs, "Service") if wanted <= o["metadata"].get("labels", {}).items()
+        ]
+        assert [s["metadata"]["name"] for s in services] == ["dask-memory-exporter"]
+        (service,) = services
+        assert {p["name"] for p in service["spec"]["ports"]} == {PORT_NAME}
+        selected = service["spec"]["selector"].items()
+        assert any(
+            selected <= meta.get("labels", {}).items() for _o, meta, _s, _c in _exporters(objs)
+        )
     for owner, meta, _spec, _c in _exporters(objs):
         assert SIDECAR_LABEL in meta.get("labels", {}), f"{name}: {owner} not scraped"
     for owner, meta, spec in _pod_specs(objs):
@@ -305,7 +334,7 @@ def _env(c: Obj) -> dict[str, str]:
 
 
 def test_scheduler_sidecars_poll_over_loopback() -> None:
-    for name in ("scheduler-sidecar", "dask-operator", "helm-post-render"):
+    for name in ("scheduler-sidecar", "servicemonitor", "dask-operator", "helm-post-render"):
         exporters = _exporters(_objects(name))
         assert len(exporters) == 1, f"{name}: one scheduler-side exporter per cluster"
         env = _env(exporters[0][3])
