@@ -252,7 +252,8 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
             "{{ $value | humanizePercentage }} of its memory limit is unmanaged memory "
             "(old and recent) that spilling cannot free: even with every managed key spilled "
             "to disk it would stay above its target threshold. This is what Dask logs as "
-            '"Unmanaged memory use is high". It pauses at the pause threshold.',
+            '"Unmanaged memory use is high". If it keeps growing, the worker pauses at its pause '
+            "threshold.",
             c,
         ),
         _alert(
