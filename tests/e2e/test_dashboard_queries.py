@@ -1,0 +1,209 @@
+"""Dashboards, live: every query of every panel runs on real data from the demo workload.
+
+``dask-memory-exporter demo`` (a real LocalCluster: one worker leaks until it pauses, one
+spills, one idles) is scraped every second by a real Prometheus 2.42 that also evaluates the
+generated recording rules. Once the workload shows up (three workers, data spilled, the leaking
+worker paused, the recording rules evaluated), every panel target, annotation and variable query
+of both generated dashboards is run as an instant query with the template variables substituted
+as Grafana would (All, or one selected value, regex-escaped), for the default configuration
+and for ``dashboard_recording_rules=False``. None may fail to parse or evaluate; none may come
+back empty, except the few listed in ``MAY_BE_EMPTY`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from exporter import names as n
+from exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
+from exporter.mixin import MixinConfig
+from exporter.rules import render_files as render_rules
+from tests.support.promstack import Prometheus, PromStackError, free_port, run_prometheus
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "dask-demo"
+WORKER = "leak"
+
+# (file, panel or annotation title, refId) -> why it may legitimately be empty here.
+MAY_BE_EMPTY = {
+    (CLUSTER_FILE, "Firing alerts", "A"): "no alert has fired yet: the rules' for: is minutes",
+    (CLUSTER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
+    (WORKER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
+    (WORKER_FILE, "Process memory by source", "B"): (
+        "dask_memory_worker_rss_bytes exists only in the sidecar's local mode; the demo "
+        "polls the scheduler"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    file: str
+    title: str
+    ref: str
+    expr: str
+
+
+def queries(doc: dict[str, Any], file: str) -> Iterator[Query]:
+    """Every PromQL expression of a dashboard: panel targets, annotations, variables."""
+
+    def walk(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for p in panels:
+            yield p
+            yield from walk(p.get("panels", []))
+
+    for panel in walk(doc["panels"]):
+        for t in panel.get("targets", []):
+            yield Query(file, panel["title"], t["refId"], t["expr"])
+    for a in doc["annotations"]["list"]:
+        if "expr" in a:
+            yield Query(file, f"annotation: {a['name']}", "", a["expr"])
+    for v in doc["templating"]["list"]:
+        if v["type"] == "query":
+            yield Query(file, f"variable: {v['name']}", "", v["query"])
+
+
+def grafana_regex_escape(value: str) -> str:
+    """What Grafana's Prometheus data source does to a single value in a ``=~`` matcher."""
+    return re.sub(r"([\\^$*+?.()|\[\]{}])", r"\\\\\1", value)
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    out = expr
+    for name in sorted(values, key=len, reverse=True):
+        out = out.replace("${" + name + "}", values[name]).replace("$" + name, values[name])
+    assert "$" not in out, f"unsubstituted variable in {out!r}"
+    return out
+
+
+LABEL_VALUES = re.compile(r"^label_values\((?P<sel>.*), *(?P<label>\w+)\)$", re.S)
+
+
+def run(prom: Prometheus, q: Query, values: dict[str, str]) -> list[dict[str, str]]:
+    """Run one query; a ``label_values(sel, label)`` variable returns the series with ``label``."""
+    expr = substitute(q.expr, values)
+    m = LABEL_VALUES.match(expr)
+    if m:
+        return [s.labels for s in prom.query(m["sel"]) if m["label"] in s.labels]
+    return [s.labels for s in prom.query(expr)]
+
+
+@contextlib.contextmanager
+def demo(port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The demo, leaking fast (the leaking worker pauses within seconds); stopped on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "exporter", "demo",
+                "--listen", f"127.0.0.1:{port}",
+                "--memory-limit", "300MiB",
+                "--leak-rate", "40MiB",
+            ],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    children: list[psutil.Process] = []
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(proc.pid).children(recursive=True)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+@pytest.mark.timeout(180)
+def test_every_dashboard_query_returns_data_on_the_demo(tmp_path: Path) -> None:
+    started = time.monotonic()
+    port = free_port()
+    config = MixinConfig()
+    with demo(port, tmp_path / "demo.log") as proc, run_prometheus(
+        scrape_targets=[f"127.0.0.1:{port}"],
+        rule_texts=render_rules(config),
+        target_labels={"namespace": NAMESPACE},
+    ) as prom:
+        sel = config.selector()
+
+        def wait(expr: str, what: str, timeout: float = 60) -> None:
+            try:
+                prom.wait_for(expr, timeout=timeout)
+            except AssertionError as e:
+                log = (tmp_path / "demo.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{what}: {e}\ndemo exited: {proc.poll()}\n{log}") from e
+
+        wait(f"count({n.WORKER_PROCESS_BYTES}{sel}) == 3", "three workers")
+        wait(f'{n.WORKER_SPILLED_BYTES}{{worker_name="spill"}} > 0', "spilled data")
+        wait(f'{n.WORKER_PAUSED}{{worker_name="{WORKER}"}} == 1', "the leaking worker paused")
+        wait(f"dask_cluster:{n.WORKER_SPILLED_BYTES}:sum > 0", "recording rules evaluated")
+        data_at = time.monotonic() - started
+        instance = f"127.0.0.1:{port}"
+        job = prom.query(f"{n.SCHEDULER_UP}{sel}")[0].labels["job"]
+
+        grafana = {"__rate_interval": "4s", "__interval": "1s", "__range": "5m", "datasource": ""}
+        every = {"namespace": ".*", "job": ".*", "instance": ".*"}
+        chosen = {
+            "namespace": grafana_regex_escape(NAMESPACE),
+            "job": grafana_regex_escape(job),
+            "instance": grafana_regex_escape(instance),
+        }
+        variants = [
+            (config, {**grafana, **every}, {CLUSTER_FILE: ".*", WORKER_FILE: WORKER}),
+            (config, {**grafana, **chosen}, {CLUSTER_FILE: WORKER, WORKER_FILE: WORKER}),
+            (
+                dataclasses.replace(config, dashboard_recording_rules=False),
+                {**grafana, **every},
+                {CLUSTER_FILE: ".*", WORKER_FILE: WORKER},
+            ),
+        ]
+        failures: list[str] = []
+        empty_allowed: set[tuple[str, str, str]] = set()
+        count = 0
+        for cfg, values, worker_by_file in variants:
+            for file, text in render_files(cfg).items():
+                doc = json.loads(text)
+                for q in queries(doc, file):
+                    count += 1
+                    subst = {**values, "worker": worker_by_file[file]}
+                    try:
+                        result = run(prom, q, subst)
+                    except PromStackError as e:
+                        failures.append(f"{file} / {q.title} / {q.ref}: error {e}")
+                        continue
+                    key = (file, q.title, q.ref)
+                    if not result:
+                        if key in MAY_BE_EMPTY:
+                            empty_allowed.add(key)
+                        else:
+                            failures.append(
+                                f"{file} / {q.title} / {q.ref}: empty: {substitute(q.expr, subst)}"
+                            )
+        elapsed = time.monotonic() - started
+        print(f"{count} queries; data after {data_at:.1f}s; total {elapsed:.1f}s")
+        assert not failures, "\n".join(failures)
+        stale = set(MAY_BE_EMPTY) - {
+            (file, q.title, q.ref)
+            for file, text in render_files(config).items()
+            for q in queries(json.loads(text), file)
+        }
+        assert not stale, f"MAY_BE_EMPTY names queries that no longer exist: {stale}"
