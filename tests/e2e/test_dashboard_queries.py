@@ -138,11 +138,14 @@ def test_every_dashboard_query_returns_data_on_the_demo(tmp_path: Path) -> None:
     started = time.monotonic()
     port = free_port()
     config = MixinConfig()
-    with demo(port, tmp_path / "demo.log") as proc, run_prometheus(
-        scrape_targets=[f"127.0.0.1:{port}"],
-        rule_texts=render_rules(config),
-        target_labels={"namespace": NAMESPACE},
-    ) as prom:
+    with (
+        demo(port, tmp_path / "demo.log") as proc,
+        run_prometheus(
+            scrape_targets=[f"127.0.0.1:{port}"],
+            rule_texts=render_rules(config),
+            target_labels={"namespace": NAMESPACE},
+        ) as prom,
+    ):
         sel = config.selector()
 
         def wait(expr: str, what: str, timeout: float = 60) -> None:
