@@ -148,7 +148,10 @@ def _generate(args: argparse.Namespace) -> int:
 
         render, default_dir = render_dashboards, Path("grafana/dashboards")
     out: Path = args.output_dir or default_dir
-    files = render(config)
+    try:
+        files = render(config)
+    except ValueError as e:  # a setting the generator rejects, e.g. a bad duration
+        raise UsageError(f"--set: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out / name).write_text(text)

@@ -72,6 +72,7 @@ def test_bad_input_is_one_line(
         ["serve", "--scheduler", "tcp://h:1", "--spill", "abc"],
         ["serve", "--bogus"],
         ["generate", "rules", "--set", "nope=1"],
+        ["generate", "rules", "--set", "paused_for=abc", "--output-dir", "/nonexistent"],
     ],
 )
 def test_cli_exit_2_without_traceback(argv: list[str]) -> None:
