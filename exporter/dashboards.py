@@ -61,6 +61,7 @@ __all__ = [
     "render_configmap",
     "render_files",
     "render_provider",
+    "render_provisioning",
     "worker_dashboard",
 ]
 
@@ -99,6 +100,9 @@ BREAKDOWN = (
     (RECENT, n.WORKER_UNMANAGED_RECENT_BYTES),
     (SPILLED, n.WORKER_SPILLED_BYTES),
 )
+ANNOTATION_STEP = "15s"
+"""Minimum step of annotation queries (Grafana widens it for long ranges); shorter pauses than
+this can be missed."""
 ANNOTATION_FORMATS = {  # annotation name -> (titleFormat, tagKeys)
     "Paused workers": ("{{worker_name}} paused", n.LABEL_WORKER_NAME),
     "Paused": ("{{worker_name}} paused", n.LABEL_WORKER_NAME),
@@ -298,10 +302,10 @@ def _threshold_ratio_lines(
 
 
 def _merge_table(
-    rename: dict[str, str], exclude: Sequence[str] = ()
+    rename: dict[str, str], labels: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[dm.DataTransformerConfig]:
-    """Join instant table queries into one row per label set; name the value columns."""
-    order = [n.LABEL_WORKER_NAME, n.LABEL_WORKER, *rename.values()]
+    """Join instant table queries into one row per label set; name and order the columns."""
+    order = [n.LABEL_WORKER_NAME, n.LABEL_WORKER, *rename.values(), *labels]
     return [
         dm.DataTransformerConfig(id_val="merge", options={}),
         dm.DataTransformerConfig(
@@ -321,6 +325,7 @@ def _variables(q: _Sel, worker_multi: bool) -> list[db.QueryVariable | db.Dataso
         db.DatasourceVariable(DS_VAR)
         .label("Data source")
         .type("prometheus")
+        .allow_custom_value(False)
         .current(
             dm.VariableOption(
                 selected=True,
@@ -598,7 +603,7 @@ def _bars_by_worker(q: _Sel) -> barchart.Panel:
         ).override_by_name(legend, [_color(COLORS[legend])])
         rename[f"Value #{ref}"] = legend
     excluded = (n.LABEL_WORKER, *q.c.cluster_labels)
-    return panel.transformations(_merge_table(rename, excluded))
+    return panel.transformations(_merge_table(rename, q.c.cluster_labels, excluded))
 
 
 def _worker_table(q: _Sel, config: MixinConfig) -> table.Panel:
@@ -670,7 +675,7 @@ def _worker_table(q: _Sel, config: MixinConfig) -> table.Panel:
         )
         .override_by_name(heartbeat, [_prop("unit", "s"), _prop("decimals", 1)])
     )
-    return panel.transformations(_merge_table(rename))
+    return panel.transformations(_merge_table(rename, q.c.cluster_labels))
 
 
 def _alerts_table(q: _Sel) -> table.Panel:
@@ -696,7 +701,18 @@ def _alerts_table(q: _Sel) -> table.Panel:
                     id_val="organize",
                     options={
                         "excludeByName": {"Time": True, "Value": True},
-                        "indexByName": {"alertname": 0, "severity": 1, n.LABEL_WORKER_NAME: 2},
+                        "indexByName": {
+                            name: i
+                            for i, name in enumerate(
+                                (
+                                    "alertname",
+                                    "severity",
+                                    n.LABEL_WORKER_NAME,
+                                    n.LABEL_WORKER,
+                                    *q.c.cluster_labels,
+                                )
+                            )
+                        },
                         "renameByName": {},
                     },
                 )
@@ -988,7 +1004,7 @@ def _finish(doc: dict[str, Any]) -> dict[str, Any]:
         if "expr" in a:  # Prometheus annotation fields the SDK's model lacks
             title, tags = ANNOTATION_FORMATS[a["name"]]
             a.update(
-                step="$__interval",
+                step=ANNOTATION_STEP,
                 titleFormat=title,
                 tagKeys=tags,
                 textFormat="",
@@ -1012,6 +1028,11 @@ def render_files(config: MixinConfig) -> dict[str, str]:
         CLUSTER_FILE: _dump(_doc(cluster_dashboard(config))),
         WORKER_FILE: _dump(_doc(worker_dashboard(config))),
     }
+
+
+def render_provisioning(config: MixinConfig) -> dict[str, str]:
+    """File name -> text for grafana/provisioning/: the sidecar ConfigMap and a provider file."""
+    return {"configmap.yaml": render_configmap(config), "dashboards.yaml": render_provider()}
 
 
 def render_configmap(config: MixinConfig, namespace: str | None = None) -> str:

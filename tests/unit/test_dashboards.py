@@ -25,6 +25,7 @@ from exporter.dashboards import (
     render_configmap,
     render_files,
     render_provider,
+    render_provisioning,
 )
 from exporter.mixin import MixinConfig
 from exporter.rules import alert_rules, recording_rules
@@ -72,8 +73,13 @@ def test_committed_dashboards_equal_the_generator() -> None:
 
 
 def test_committed_provisioning_equals_the_generator() -> None:
-    assert (PROVISIONING / "configmap.yaml").read_text() == render_configmap(CONFIG)
-    assert (PROVISIONING / "dashboards.yaml").read_text() == render_provider()
+    files = render_provisioning(CONFIG)
+    assert files == {
+        "configmap.yaml": render_configmap(CONFIG),
+        "dashboards.yaml": render_provider(),
+    }
+    committed = {p.name: p.read_text() for p in PROVISIONING.glob("*.yaml")}
+    assert committed == files, "grafana/provisioning/ is stale: regenerate with render_provisioning"
 
 
 def test_rendering_is_deterministic_and_json_is_stable() -> None:
@@ -154,6 +160,7 @@ def test_variables(file: str) -> None:
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
     assert ds["current"]["value"] == "${" + DATASOURCE_INPUT + "}"
+    assert ds["allowCustomValue"] is False  # an unresolved input falls back to a real source
     for label in CONFIG.cluster_labels:
         v = variables[label]
         assert v["type"] == "query" and v["includeAll"] and v["allValue"] == ".*"
