@@ -26,6 +26,8 @@ from .collector import (
 )
 from .config import Settings
 from .memory import MemoryModel
+from .names import SOURCE_LOCAL
+from .process import LocalProcessSource
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 
@@ -61,14 +63,25 @@ STATE = web.AppKey("state", ExporterState)
 
 
 def make_poller(settings: Settings, state: ExporterState) -> Poller:
-    """The Poller for these settings, publishing into ``state``."""
-    assert settings.scheduler is not None
-    source = SchedulerSource(settings.scheduler, settings.security(), settings.timeout)
+    """The Poller for these settings, publishing into ``state``.
+
+    Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
+    exporter, joined with the scheduler's data when an address is given. ``both``: every
+    worker the scheduler knows, with direct RSS for the local ones.
+    """
+    source = None
+    if settings.scheduler:
+        source = SchedulerSource(settings.scheduler, settings.security(), settings.timeout)
+    local = None
+    if settings.mode != "scheduler":
+        local = LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler)
     return Poller(
         source,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
+        local=local,
+        local_workers_only=settings.mode == "local",
         min_interval=settings.poll_interval,
         max_backoff=settings.max_backoff,
     )
@@ -126,8 +139,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: one poll done and the scheduler reachable at the last poll."""
-    snap = request.app[STATE].snapshot
+    """Ready: one poll done and the scheduler reachable at the last poll.
+
+    In mode ``local`` the worker processes' RSS is the point: ready once the process table
+    was read, whether or not the scheduler answers (``scheduler_up`` reports that).
+    """
+    state = request.app[STATE]
+    snap = state.snapshot
+    if state.settings.mode == "local":
+        if any(s.name == SOURCE_LOCAL and s.success for s in snap.sources):
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: local processes not read yet\n")
     if snap.polled and snap.scheduler_up:
         return web.Response(text="ready\n")
     reason = "scheduler unreachable" if snap.polled else "no successful poll yet"

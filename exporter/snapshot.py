@@ -5,6 +5,11 @@ the only place that awaits a source and the only place with a timer; it swaps in
 Snapshot atomically after each attempt, successful or not, so HTTP handlers only ever read
 a finished Snapshot and a slow or dead scheduler never blocks a scrape. It does not render
 metrics (``collector.py``) nor serve them (``app.py``).
+
+In sidecar mode (``local`` or ``both``) each poll also reads the RSS of the worker processes
+beside the exporter (``process.LocalProcessSource``, in a thread: it does /proc I/O) and
+puts it into the matched workers' process memory. That read keeps the heartbeat's pace even
+while the scheduler is down: only the scheduler's retries back off.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Protocol
 
 from distributed.scheduler import heartbeat_interval
 
-from .memory import MemoryBreakdown, MemoryModel
-from .names import SOURCE_SCHEDULER
+from .memory import MemoryBreakdown, MemoryModel, WorkerReading
+from .names import SOURCE_LOCAL, SOURCE_SCHEDULER
+from .process import LocalProcess, LocalReading
 from .scheduler import SchedulerPoll, WorkerInfo
 
 __all__ = ["Poller", "Snapshot", "SourceStatus", "WorkerSnapshot"]
@@ -36,6 +42,10 @@ class WorkerSnapshot:
     memory: MemoryBreakdown
     rss: int | None = None
     """RSS read directly from the OS by a sidecar, when the worker runs beside the exporter."""
+    local_only: bool = False
+    """A worker process beside the exporter that the scheduler has not reported (not yet, or
+    the scheduler is unreachable): only ``rss`` is known. ``info`` holds an empty address and
+    a name from the command line (or ``pid:<pid>``); its ``memory`` is not a heartbeat's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,12 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
+class LocalSource(Protocol):
+    """What the Poller needs of a local process source (see ``process.LocalProcessSource``)."""
+
+    def read(self, workers: Mapping[str, WorkerInfo] | None = None) -> LocalReading: ...
+
+
 class Poller:
     """Polls the sources on a timer and publishes a new Snapshot after every attempt.
 
@@ -85,16 +101,25 @@ class Poller:
 
     def __init__(
         self,
-        source: Source,
+        source: Source | None,
         model: MemoryModel,
         thresholds: Mapping[str, float],
         publish: Callable[[Snapshot], Awaitable[None]],
         *,
+        local: LocalSource | None = None,
+        local_workers_only: bool = False,
         min_interval: float = 0.0,
         max_backoff: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``source`` is the scheduler (None: local processes only); ``local`` reads the
+        worker processes beside the exporter; ``local_workers_only`` (mode ``local``) exports
+        only the scheduler's workers matched to one of them."""
+        if source is None and local is None:
+            raise ValueError("the Poller needs a scheduler source, a local source or both")
         self.source = source
+        self.local = local
+        self.local_workers_only = local_workers_only
         self.model = model
         self.publish = publish
         self.min_interval = min_interval
@@ -102,10 +127,46 @@ class Poller:
         self.clock = clock
         self.snapshot = Snapshot(time=clock(), thresholds=dict(thresholds))
         self._failures = 0
+        self._retry_at = 0.0  # monotonic time of the next scheduler attempt (with a local source)
+        self._fetching: asyncio.Task[tuple[SchedulerPoll | None, SourceStatus]] | None = None
+        self._local_failed = False
 
     async def poll_once(self) -> Snapshot:
-        """One attempt: fetch, decode, update the model, build and publish a Snapshot."""
+        """One attempt: fetch, decode, read local processes, update the model, publish."""
         prev = self.snapshot
+        start = time.perf_counter()
+        poll: SchedulerPoll | None = None
+        failed = False
+        statuses: list[SourceStatus] = []
+        if self.source is not None:
+            due = self.local is None or time.monotonic() >= self._retry_at
+            if self._fetching is None and due:
+                self._fetching = asyncio.create_task(self._fetch())
+            if self._fetching is not None:
+                # With a local source, a slow or hung scheduler must not hold up the local
+                # figures: wait at most one interval, then leave the fetch running for later.
+                budget = None if self.local is None else self.next_delay()
+                await asyncio.wait({self._fetching}, timeout=budget)
+            if self._fetching is not None and self._fetching.done():
+                poll, status = self._fetching.result()
+                self._fetching = None
+                failed = not status.success
+                statuses.append(status)
+            else:  # backing off or still waiting: report the scheduler's last result
+                statuses.extend(s for s in prev.sources if s.name == SOURCE_SCHEDULER)
+        reading: LocalReading | None = None
+        if self.local is not None:
+            known = poll.workers if poll is not None else _known(prev)
+            reading, status = await self._read_local(known)
+            failed = failed or not status.success
+            statuses.append(status)
+        snap = self._build(prev, poll, reading, tuple(statuses), failed, start)
+        self.snapshot = snap
+        await self.publish(snap)
+        return snap
+
+    async def _fetch(self) -> tuple[SchedulerPoll | None, SourceStatus]:
+        assert self.source is not None
         start = time.perf_counter()
         try:
             poll = await self.source.fetch()
@@ -114,55 +175,88 @@ class Poller:
         except Exception as e:  # any scheduler fault: report it, never crash the exporter
             duration = time.perf_counter() - start
             self._failures += 1
+            self._retry_at = time.monotonic() + self._backoff()
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
             logger.log(level, "poll of the scheduler failed: %s", _describe(e))
-            snap = replace(
-                prev,
-                time=self.clock(),
-                scheduler_up=False,
-                sources=(SourceStatus(SOURCE_SCHEDULER, False, duration),),
-                poll_duration=duration,
-                polls_total=prev.polls_total + 1,
-                poll_errors_total=prev.poll_errors_total + 1,
-            )
-        else:
-            if self._failures:
-                logger.info("scheduler reachable again after %d failed polls", self._failures)
-            self._failures = 0
-            snap = self._build(prev, poll, start)
-        self.snapshot = snap
-        await self.publish(snap)
-        return snap
-
-    def _build(self, prev: Snapshot, poll: SchedulerPoll, start: float) -> Snapshot:
-        readings = {addr: w.reading for addr, w in poll.workers.items()}
-        memory = self.model.update(readings)
-        workers = tuple(
-            WorkerSnapshot(info=w, memory=memory[addr]) for addr, w in poll.workers.items()
-        )
+            return None, SourceStatus(SOURCE_SCHEDULER, False, duration)
+        if self._failures:
+            logger.info("scheduler reachable again after %d failed polls", self._failures)
+        self._failures = 0
         if poll.skipped:
             logger.warning("skipped %d malformed worker entries", poll.skipped)
-        duration = time.perf_counter() - start
+        return poll, SourceStatus(SOURCE_SCHEDULER, True, time.perf_counter() - start)
+
+    async def _read_local(
+        self, known: Mapping[str, WorkerInfo]
+    ) -> tuple[LocalReading | None, SourceStatus]:
+        assert self.local is not None
+        start = time.perf_counter()
+        try:
+            reading = await asyncio.to_thread(self.local.read, known)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or an odd /proc: report it, keep the heartbeat figures
+            if not self._local_failed:
+                logger.warning("reading local worker processes failed: %s", _describe(e))
+            self._local_failed = True
+            return None, SourceStatus(SOURCE_LOCAL, False, time.perf_counter() - start)
+        self._local_failed = False
+        return reading, SourceStatus(SOURCE_LOCAL, reading.ok, time.perf_counter() - start)
+
+    def _build(
+        self,
+        prev: Snapshot,
+        poll: SchedulerPoll | None,
+        reading: LocalReading | None,
+        sources: tuple[SourceStatus, ...],
+        failed: bool,
+        start: float,
+    ) -> Snapshot:
+        infos = poll.workers if poll is not None else _known(prev)
+        matched = reading.matched if reading is not None and reading.ok else {}
+        if self.local_workers_only:
+            if reading is not None and reading.ok:
+                infos = {a: w for a, w in infos.items() if a in matched}
+            else:  # process table unreadable: keep the workers matched so far
+                before = {w.info.address for w in prev.workers if not w.local_only}
+                infos = {a: w for a, w in infos.items() if a in before}
+        override = {a: p.rss for a, p in matched.items() if a in infos and p.rss is not None}
+        memory = self.model.update({a: w.reading for a, w in infos.items()}, override)
         now = self.clock()
+        workers = [
+            WorkerSnapshot(info=w, memory=memory[a], rss=override.get(a)) for a, w in infos.items()
+        ]
+        if reading is not None:
+            workers.extend(_local_only(reading.unmatched, now))
+        duration = time.perf_counter() - start
+        scheduler_up = poll is not None or (
+            self.source is not None and prev.scheduler_up and not failed
+        )
         return replace(
             prev,
             time=now,
-            workers=workers,
-            scheduler_up=True,
-            scheduler_workers=len(poll.workers) + poll.skipped,
-            polled=True,
-            sources=(SourceStatus(SOURCE_SCHEDULER, True, duration),),
+            workers=tuple(workers),
+            scheduler_up=scheduler_up,
+            scheduler_workers=(
+                len(poll.workers) + poll.skipped if poll is not None else prev.scheduler_workers
+            ),
+            polled=prev.polled or poll is not None,
+            sources=sources,
             poll_duration=duration,
-            last_success=now,
+            last_success=now if poll is not None else prev.last_success,
             polls_total=prev.polls_total + 1,
-            skipped_workers=poll.skipped,
+            poll_errors_total=prev.poll_errors_total + (1 if failed else 0),
+            skipped_workers=poll.skipped if poll is not None else prev.skipped_workers,
         )
+
+    def _backoff(self) -> float:
+        base = min(self.max_backoff, 0.5 * 2.0 ** min(self._failures, 16))
+        return base * random.uniform(0.8, 1.0)
 
     def next_delay(self) -> float:
         """Seconds to wait before the next poll."""
-        if self._failures:
-            base = min(self.max_backoff, 0.5 * 2.0 ** min(self._failures, 16))
-            return base * random.uniform(0.8, 1.0)
+        if self._failures and self.local is None:
+            return self._backoff()
         n = self.snapshot.scheduler_workers or 0
         return max(self.min_interval, float(heartbeat_interval(n)))
 
@@ -175,7 +269,44 @@ class Poller:
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(max(0.0, self.next_delay() - elapsed))
         finally:
-            await self.source.close()
+            if self._fetching is not None:
+                self._fetching.cancel()
+                await asyncio.gather(self._fetching, return_exceptions=True)
+                self._fetching = None
+            if self.source is not None:
+                await self.source.close()
+
+
+def _known(snapshot: Snapshot) -> dict[str, WorkerInfo]:
+    """The scheduler's workers as last heard of (while it is down or not configured)."""
+    return {w.info.address: w.info for w in snapshot.workers if not w.local_only}
+
+
+def _local_only(processes: tuple[LocalProcess, ...], now: float) -> list[WorkerSnapshot]:
+    """Worker processes the scheduler has not reported: RSS only, labelled by name or pid."""
+    procs = [p for p in processes if p.rss is not None]
+    names = [p.name or f"pid:{p.pid}" for p in procs]
+    out = []
+    for p, name in zip(procs, names, strict=True):
+        if names.count(name) > 1:  # two nannies with the same --name: keep series distinct
+            name = f"pid:{p.pid}"
+        rss = p.rss or 0
+        info = WorkerInfo(
+            address="",
+            name=name,
+            host="",
+            nthreads=0,
+            memory_limit=None,
+            status="",
+            last_seen=now,
+            nanny=None,
+            reading=WorkerReading(
+                process=rss, managed_total=0, spilled_memory=0, spilled_disk=0, heartbeat_time=now
+            ),
+        )
+        memory = MemoryBreakdown(process=rss, managed=0, unmanaged_old=0, spilled=0)
+        out.append(WorkerSnapshot(info=info, memory=memory, rss=rss, local_only=True))
+    return out
 
 
 def _describe(e: BaseException) -> str:
