@@ -627,7 +627,7 @@ def _worker_table(q: _Sel, config: MixinConfig) -> table.Panel:
     refs = _refs()
     panel = (
         table.Panel()
-        .title("Workers")
+        .title("Worker table")
         .description(
             "One row per worker, now; click a header to sort, a worker name to open it in the "
             "worker dashboard. Unmanaged (old) is the minimum of unmanaged memory over the last "
@@ -681,7 +681,7 @@ def _worker_table(q: _Sel, config: MixinConfig) -> table.Panel:
 def _alerts_table(q: _Sel) -> table.Panel:
     return (
         table.Panel()
-        .title("Firing alerts")
+        .title("Alert list")
         .description(
             f"Alerts named {ALERTNAME_REGEX} (docs/runbooks.md has a section for each) firing "
             "now for these clusters, from Prometheus' ALERTS series."
@@ -820,7 +820,7 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
     )
     d = d.with_panel(
         _stat(
-            "Process memory of limit",
+            "Share of limit",
             "Process memory as a share of the memory limit.",
             "percentunit",
             f"max({n.WORKER_PROCESS_BYTES}{ws} / {n.WORKER_LIMIT_BYTES}{ws})",
@@ -854,7 +854,7 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
     )
     d = d.with_panel(
         _stat(
-            "Heartbeat age",
+            "Last heartbeat",
             "Seconds since the scheduler last heard from the worker.",
             "s",
             f"max({n.WORKER_HEARTBEAT_AGE_SECONDS}{ws})",

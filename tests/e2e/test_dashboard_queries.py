@@ -31,15 +31,22 @@ from exporter import names as n
 from exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
 from exporter.mixin import MixinConfig
 from exporter.rules import render_files as render_rules
-from tests.support.promstack import Prometheus, PromStackError, free_port, run_prometheus
+from tests.support.promstack import (
+    Prometheus,
+    PromStackError,
+    Sample,
+    free_port,
+    run_prometheus,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+MiB = 2**20
 NAMESPACE = "dask-demo"
 WORKER = "leak"
 
 # (file, panel or annotation title, refId) -> why it may legitimately be empty here.
 MAY_BE_EMPTY = {
-    (CLUSTER_FILE, "Firing alerts", "A"): "no alert has fired yet: the rules' for: is minutes",
+    (CLUSTER_FILE, "Alert list", "A"): "no alert has fired yet: the rules' for: is minutes",
     (CLUSTER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
     (WORKER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
     (WORKER_FILE, "Process memory by source", "B"): (
@@ -55,6 +62,11 @@ class Query:
     title: str
     ref: str
     expr: str
+    range: bool  # Grafana runs it as a range query (time series, annotations)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.file, self.title, self.ref)
 
 
 def queries(doc: dict[str, Any], file: str) -> Iterator[Query]:
@@ -67,13 +79,13 @@ def queries(doc: dict[str, Any], file: str) -> Iterator[Query]:
 
     for panel in walk(doc["panels"]):
         for t in panel.get("targets", []):
-            yield Query(file, panel["title"], t["refId"], t["expr"])
+            yield Query(file, panel["title"], t["refId"], t["expr"], not t.get("instant", False))
     for a in doc["annotations"]["list"]:
         if "expr" in a:
-            yield Query(file, f"annotation: {a['name']}", "", a["expr"])
+            yield Query(file, f"annotation: {a['name']}", "", a["expr"], True)
     for v in doc["templating"]["list"]:
         if v["type"] == "query":
-            yield Query(file, f"variable: {v['name']}", "", v["query"])
+            yield Query(file, f"variable: {v['name']}", "", v["query"], False)
 
 
 def grafana_regex_escape(value: str) -> str:
@@ -92,13 +104,22 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 LABEL_VALUES = re.compile(r"^label_values\((?P<sel>.*), *(?P<label>\w+)\)$", re.S)
 
 
-def run(prom: Prometheus, q: Query, values: dict[str, str]) -> list[dict[str, str]]:
-    """Run one query; a ``label_values(sel, label)`` variable returns the series with ``label``."""
+def run(prom: Prometheus, q: Query, values: dict[str, str], at: float) -> list[Sample]:
+    """Run one query as Grafana would, at unix time ``at``; raises PromStackError on an error.
+
+    A ``label_values(selector, label)`` variable query returns the series carrying ``label``.
+    A range query (over the 20 s before ``at``, 1 s step) must agree with the instant one on
+    being empty or not; the instant result is returned.
+    """
     expr = substitute(q.expr, values)
     m = LABEL_VALUES.match(expr)
     if m:
-        return [s.labels for s in prom.query(m["sel"]) if m["label"] in s.labels]
-    return [s.labels for s in prom.query(expr)]
+        return [s for s in prom.query(m["sel"], at) if m["label"] in s.labels]
+    instant = prom.query(expr, at)
+    if q.range:
+        series = prom.query_range(expr, at - 20, at, step=1)
+        assert bool(series) == bool(instant), f"range and instant disagree: {expr}"
+    return instant
 
 
 @contextlib.contextmanager
@@ -179,34 +200,61 @@ def test_every_dashboard_query_returns_data_on_the_demo(tmp_path: Path) -> None:
                 {CLUSTER_FILE: ".*", WORKER_FILE: WORKER},
             ),
         ]
+        at = time.time()  # after the waits: every condition above holds at this instant
         failures: list[str] = []
-        empty_allowed: set[tuple[str, str, str]] = set()
+        results: dict[tuple[str, str, str], list[Sample]] = {}  # default config, All
         count = 0
-        for cfg, values, worker_by_file in variants:
+        for i, (cfg, values, worker_by_file) in enumerate(variants):
             for file, text in render_files(cfg).items():
-                doc = json.loads(text)
-                for q in queries(doc, file):
+                for q in queries(json.loads(text), file):
                     count += 1
                     subst = {**values, "worker": worker_by_file[file]}
+                    where = f"{file} / {q.title} / {q.ref} (variant {i})"
                     try:
-                        result = run(prom, q, subst)
-                    except PromStackError as e:
-                        failures.append(f"{file} / {q.title} / {q.ref}: error {e}")
+                        result = run(prom, q, subst, at)
+                    except (PromStackError, AssertionError) as e:
+                        failures.append(f"{where}: {e}")
                         continue
-                    key = (file, q.title, q.ref)
-                    if not result:
-                        if key in MAY_BE_EMPTY:
-                            empty_allowed.add(key)
-                        else:
-                            failures.append(
-                                f"{file} / {q.title} / {q.ref}: empty: {substitute(q.expr, subst)}"
-                            )
+                    if i == 0:
+                        results[q.key] = result
+                    if not result and q.key not in MAY_BE_EMPTY:
+                        failures.append(f"{where}: empty: {substitute(q.expr, subst)}")
         elapsed = time.monotonic() - started
         print(f"{count} queries; data after {data_at:.1f}s; total {elapsed:.1f}s")
         assert not failures, "\n".join(failures)
-        stale = set(MAY_BE_EMPTY) - {
-            (file, q.title, q.ref)
-            for file, text in render_files(config).items()
-            for q in queries(json.loads(text), file)
-        }
-        assert not stale, f"MAY_BE_EMPTY names queries that no longer exist: {stale}"
+        assert not set(MAY_BE_EMPTY) - set(results), "MAY_BE_EMPTY names queries that are gone"
+        check_values(results)
+
+
+def check_values(results: dict[tuple[str, str, str], list[Sample]]) -> None:
+    """The figures the panels show agree with the workload and with each other."""
+
+    def one(file: str, title: str, ref: str = "A") -> float:
+        (sample,) = results[(file, title, ref)]
+        return sample.value
+
+    assert one(CLUSTER_FILE, "Workers") == 3
+    assert one(CLUSTER_FILE, "Paused workers") >= 1
+    assert one(CLUSTER_FILE, "Firing alerts") >= 0
+    assert one(CLUSTER_FILE, "Scheduler") == 1
+
+    # the worker table, as Grafana's merge transformation joins it (all queries at one instant)
+    columns = ["process", "managed", "old", "recent", "spilled", "limit", "share", "paused", "age"]
+    table: dict[str, dict[str, float]] = {}
+    for col, ref in zip(columns, "ABCDEFGHI", strict=True):
+        for s in results[(CLUSTER_FILE, "Worker table", ref)]:
+            table.setdefault(s.labels[n.LABEL_WORKER_NAME], {})[col] = s.value
+    assert sorted(table) == ["idle", "leak", "spill"]
+    for name, row in table.items():
+        assert len(row) == len(columns), (name, row)
+        assert row["process"] == row["managed"] + row["old"] + row["recent"], (name, row)
+        assert row["limit"] == 300 * MiB
+        assert row["share"] == pytest.approx(row["process"] / row["limit"])
+    assert table["leak"]["paused"] == 1 and table["idle"]["paused"] == 0
+    assert table["spill"]["spilled"] > 0 and table["spill"]["managed"] > 0
+
+    # the worker dashboard's threshold lines, in bytes, in Dask's order, below the limit
+    levels = {s.labels[n.LABEL_THRESHOLD]: s.value for s in results[(WORKER_FILE, "Memory", "F")]}
+    assert sorted(levels, key=levels.__getitem__) == list(n.THRESHOLDS)
+    assert max(levels.values()) < table[WORKER]["limit"]
+    assert one(WORKER_FILE, "Status") == 1

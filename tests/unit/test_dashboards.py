@@ -128,6 +128,9 @@ def test_importable_structure(file: str) -> None:
     used = {("panel", p["type"]) for p in panels(doc)}
     assert requires == {("grafana", "grafana"), ("datasource", "prometheus"), *used}
 
+    titles = [p["title"] for p in panels(doc)]
+    assert len(titles) == len(set(titles)), "panel titles identify panels in tests and links"
+
     ids = [p["id"] for p in walk(doc["panels"])]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
 
@@ -226,7 +229,7 @@ def test_alerts_panel_selects_every_project_alert() -> None:
         assert re.fullmatch(ALERTNAME_REGEX, rule["alert"]), rule["alert"]
     cluster = ALL[CLUSTER_FILE]
     titles = {p["title"]: p for p in panels(cluster)}
-    assert 'alertname=~"Dask.*"' in titles["Firing alerts"]["targets"][0]["expr"]
+    assert 'alertname=~"Dask.*"' in titles["Alert list"]["targets"][0]["expr"]
 
 
 # --- content ------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def test_process_of_limit_panels_are_percent_with_threshold_lines() -> None:
 
 
 def test_worker_table_columns_sortable_and_linked() -> None:
-    p = by_title(CLUSTER_FILE)["Workers"]
+    p = by_title(CLUSTER_FILE)["Worker table"]
     assert p["type"] == "table"
     organize = next(t for t in p["transformations"] if t["id"] == "organize")["options"]
     rename = organize["renameByName"]
