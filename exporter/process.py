@@ -179,6 +179,11 @@ def _click_params(args: list[str]) -> dict[str, Any]:
     from click.core import ParameterSource
     from distributed.cli.dask_worker import main
 
+    known = {o for param in main.params for o in (*param.opts, *param.secondary_opts)}
+    unknown = [a for a in args if a.startswith("-") and a.split("=", 1)[0] not in known]
+    if unknown:  # resilient parsing would shift values around: constrain nothing
+        raise ValueError(f"unknown options {unknown}")
+    # resilient_parsing: no callbacks (--preload's would import the user's modules here).
     ctx = main.make_context("dask worker", args, resilient_parsing=True)
     return {
         k: v
