@@ -156,10 +156,17 @@ class _Sel:
             f"{n.WORKER_THRESHOLD_RATIO}{sel}"
         )
 
+    @property
+    def recorded(self) -> str:
+        """Selector for the per-cluster recorded series. They keep only the cluster labels, so
+        the exporter selector (which may match on other labels) is already applied by the rule.
+        """
+        return "{" + ", ".join(self.cluster_matchers) + "}"
+
     def cluster_total(self, metric: str) -> str:
         """Total of a per-worker family over the selected clusters."""
         if self.c.dashboard_recording_rules:
-            return f"sum({cluster_sum(metric)}{self.cluster()})"
+            return f"sum({cluster_sum(metric)}{self.recorded})"
         return f"sum({metric}{self.cluster()})"
 
     def alerts(self, *extra: str) -> str:
@@ -438,12 +445,12 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
 
     firing = q.alerts(FIRING)
     workers = (
-        f"sum({CLUSTER_WORKERS}{cs})"
+        f"sum({CLUSTER_WORKERS}{q.recorded})"
         if config.dashboard_recording_rules
         else f"count({n.WORKER_PROCESS_BYTES}{cs})"
     )
     paused = (
-        f"sum({CLUSTER_PAUSED_WORKERS}{cs})"
+        f"sum({CLUSTER_PAUSED_WORKERS}{q.recorded})"
         if config.dashboard_recording_rules
         else f"sum({n.WORKER_PAUSED}{cs})"
     )

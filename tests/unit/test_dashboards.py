@@ -205,16 +205,29 @@ def test_only_contract_metrics_and_recorded_series(recording: bool) -> None:
         assert family in used, family
 
 
-def test_every_query_uses_the_configured_selector() -> None:
+SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)\{([^}]*)\}")
+
+
+@pytest.mark.parametrize("recording", [True, False])
+def test_every_query_uses_the_configured_selector(recording: bool) -> None:
     config = dataclasses.replace(
-        CONFIG, exporter_selector='service="dask-exp"', cluster_labels=("cluster", "namespace")
+        CONFIG,
+        exporter_selector='service="dask-exp"',
+        cluster_labels=("cluster", "namespace"),
+        dashboard_recording_rules=recording,
     )
     for doc in docs(config).values():
         for expr in exprs(doc):
-            if re.search(r"\bdask_|ALERTS", expr):
-                assert 'service="dask-exp"' in expr, expr
-                assert 'cluster=~"$cluster"' in expr or "label_values" in expr, expr
             assert "dask-memory-exporter" not in expr
+            selectors = SELECTOR.findall(expr)
+            assert selectors, expr
+            for name, matchers in selectors:
+                if ":" in name:  # recorded per cluster: the rule applied the exporter selector
+                    assert matchers == 'cluster=~"$cluster", namespace=~"$namespace"', expr
+                    continue
+                assert matchers.startswith('service="dask-exp"'), expr
+                if not expr.startswith("label_values"):
+                    assert 'cluster=~"$cluster", namespace=~"$namespace"' in matchers, expr
         names = [v["name"] for v in doc["templating"]["list"]]
         assert names == ["datasource", "cluster", "namespace", "worker"]
 
