@@ -70,8 +70,8 @@ WORKER_FILE = "dask-worker-memory.json"
 CONFIGMAP_NAME = "dask-memory-dashboards"
 DATASOURCE_INPUT = "DS_PROMETHEUS"
 ALERTNAME_REGEX = "Dask.*"
+"""Every alert of exporter/rules.py is named Dask...; the alerts panels select them by this."""
 FIRING = 'alertstate="firing"'
-"""Every alert of exporter/rules.py is named Dask...; the alerts panel selects them by this."""
 
 GRAFANA_VERSION = "11.6.0"
 """The Grafana build whose schema the SDK emits (schemaVersion 41); ``__requires`` names it."""
@@ -114,7 +114,7 @@ UP_MAPPING = {"0": ("unreachable", "red"), "1": ("reachable", "green")}
 
 def dashboard_uid(file_name: str) -> str:
     """Stable uid of a dashboard: the md5 of its file name (as kubernetes-mixin does)."""
-    return hashlib.md5(file_name.encode()).hexdigest()
+    return hashlib.md5(file_name.encode(), usedforsecurity=False).hexdigest()
 
 
 def _slug(file_name: str) -> str:
