@@ -733,10 +733,20 @@ def _exporter_panels(q: _Sel) -> list[timeseries.Panel | statetimeline.Panel]:
     instance = "{{instance}}"
     return [
         statetimeline.Panel()
-        .title("Scheduler reachable")
-        .description("1 while the exporter's polls of the scheduler succeed.")
+        .title("Scheduler and sources")
+        .description(
+            "Whether the exporter's polls of the scheduler succeed, and each data source "
+            "(scheduler; local: the sidecar's direct RSS) in the last poll."
+        )
         .datasource(DS)
-        .with_target(_q(f"{n.SCHEDULER_UP}{cs}", "A", instance))
+        .with_target(_q(f"{n.SCHEDULER_UP}{cs}", "A", "scheduler reachable " + instance))
+        .with_target(
+            _q(
+                f"{n.EXPORTER_SOURCE_SUCCESS}{cs}",
+                "B",
+                "{{" + n.LABEL_SOURCE + "}} source " + instance,
+            )
+        )
         .mappings(_mappings(UP_MAPPING))
         .thresholds(_fixed_thresholds())
         .height(6)
