@@ -236,6 +236,14 @@ def check_values(results: dict[tuple[str, str, str], list[Sample]]) -> None:
         (sample,) = results[(file, title, ref)]
         return sample.value
 
+    def label_values(file: str, variable: str, label: str) -> set[str]:
+        return {s.labels[label] for s in results[(file, f"variable: {variable}", "")]}
+
+    for file in (CLUSTER_FILE, WORKER_FILE):
+        assert label_values(file, "namespace", "namespace") == {NAMESPACE}
+        assert label_values(file, "job", "job") == {"dask-memory-exporter"}
+        assert label_values(file, "worker", n.LABEL_WORKER_NAME) == {"idle", "leak", "spill"}
+
     assert one(CLUSTER_FILE, "Workers") == 3
     assert one(CLUSTER_FILE, "Paused workers") >= 1
     assert one(CLUSTER_FILE, "Firing alerts") >= 0
