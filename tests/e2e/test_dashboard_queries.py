@@ -4,10 +4,14 @@
 spills, one idles) is scraped every second by a real Prometheus 2.42 that also evaluates the
 generated recording rules. Once the workload shows up (three workers, data spilled, the leaking
 worker paused, the recording rules evaluated), every panel target, annotation and variable query
-of both generated dashboards is run as an instant query with the template variables substituted
-as Grafana would (All, or one selected value, regex-escaped), for the default configuration
-and for ``dashboard_recording_rules=False``. None may fail to parse or evaluate; none may come
-back empty, except the few listed in ``MAY_BE_EMPTY`` with the reason.
+of both generated dashboards is run at one instant (and, where Grafana draws it over time, as
+a range query too) with the template variables substituted as Grafana would (All; one value
+regex-escaped; two values as ``(a|b)``), for the default configuration and for
+``dashboard_recording_rules=False``. None may fail to parse or evaluate; none may come back
+empty, except the few listed in ``MAY_BE_EMPTY`` with the reason. Then the figures the panels
+would show are checked against the workload: three workers, the leaking one paused, the
+spilling one with data on disk, process = managed + unmanaged + recent in every table row,
+thresholds in Dask's order below the limit, variables listing what the workload has.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pytest
 from exporter import names as n
 from exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
 from exporter.mixin import MixinConfig
+from exporter.rules import cluster_sum
 from exporter.rules import render_files as render_rules
 from tests.support.promstack import (
     Prometheus,
@@ -179,7 +184,7 @@ def test_every_dashboard_query_returns_data_on_the_demo(tmp_path: Path) -> None:
         wait(f"count({n.WORKER_PROCESS_BYTES}{sel}) == 3", "three workers")
         wait(f'{n.WORKER_SPILLED_BYTES}{{worker_name="spill"}} > 0', "spilled data")
         wait(f'{n.WORKER_PAUSED}{{worker_name="{WORKER}"}} == 1', "the leaking worker paused")
-        wait(f"dask_cluster:{n.WORKER_SPILLED_BYTES}:sum > 0", "recording rules evaluated")
+        wait(f"{cluster_sum(n.WORKER_SPILLED_BYTES)} > 0", "recording rules evaluated")
         data_at = time.monotonic() - started
         instance = f"127.0.0.1:{port}"
         job = prom.query(f"{n.SCHEDULER_UP}{sel}")[0].labels["job"]
