@@ -57,15 +57,16 @@ def hold_gil_and_grow(seconds: float, step: int) -> int:
     """
     pattern = re.compile(r"(a+)+b")
     size = 16
-    while True:  # calibrate outside the stall: about 50 ms per match, then x4 per step
+    while True:  # calibrate: a match of about 50 ms, then time one step's match (~4x)
         started = time.perf_counter()
         pattern.match("a" * size)
-        took = time.perf_counter() - started
-        if took > 0.05 or size >= 30:
+        if time.perf_counter() - started > 0.05 or size >= 30:
             break
         size += 1
-    steps = max(1, int(seconds / (4 * took)))
     text = "a" * (size + 2)
+    started = time.perf_counter()
+    pattern.match(text)
+    steps = max(1, round(seconds / (time.perf_counter() - started)))
     held = list(
         zip(
             map(pattern.match, itertools.repeat(text, steps)),
@@ -105,6 +106,8 @@ class Phase:
     heartbeat_process_mib: float
     exporter_error_mib: float | None = field(default=None)
     heartbeat_error_mib: float = 0.0
+    exporter_max_lag_mib: float | None = None
+    """Largest (true RSS - exporter RSS) over the phase: how far the exporter trails."""
 
 
 def _free_port() -> int:
@@ -134,7 +137,10 @@ def _summary(phase: str, samples: list[Sample]) -> Phase:
     ages = [s.heartbeat_age for s in samples if s.heartbeat_age is not None]
     if not samples:
         raise RuntimeError(f"no samples in phase {phase}")
-    peak = max(samples, key=lambda s: s.true_rss)  # the stall's end: memory at its highest
+    peak = max(samples, key=lambda s: s.true_rss)
+    lags = [
+        s.true_rss - s.exporter_rss for s in samples if s.exporter_rss is not None
+    ]  # the stall's end: memory at its highest
     return Phase(
         phase=phase,
         samples=len(samples),
@@ -151,6 +157,7 @@ def _summary(phase: str, samples: list[Sample]) -> Phase:
             round((peak.exporter_rss - peak.true_rss) / MIB, 1) if peak.exporter_rss else None
         ),
         heartbeat_error_mib=round((peak.heartbeat_process - peak.true_rss) / MIB, 1),
+        exporter_max_lag_mib=round(max(lags) / MIB, 1) if lags else None,
     )
 
 
@@ -223,10 +230,14 @@ def _sample_run(
     pool = ThreadPoolExecutor(2)
 
     def sample(phase: str) -> None:
+        def exporter_and_truth() -> tuple[tuple[bool, float | None, str], int]:
+            # The reference RSS is read as soon as the exporter has answered.
+            return _fetch(exporter_url, 1.0), int(proc.memory_info().rss)
+
         w = pool.submit(_fetch, worker_url, 1.0)
-        e = pool.submit(_fetch, exporter_url, 1.0)
+        e = pool.submit(exporter_and_truth)
         worker_ok, worker_ms, _ = w.result()
-        exporter_ok, exporter_ms, body = e.result()
+        (exporter_ok, exporter_ms, body), true_rss = e.result()
         ws = scheduler.workers.get(addr)
         samples.append(
             Sample(
@@ -239,7 +250,7 @@ def _sample_run(
                 exporter_rss=_series(body, "dask_memory_worker_rss_bytes", addr),
                 heartbeat_age=_series(body, "dask_memory_worker_heartbeat_age_seconds", addr),
                 heartbeat_process=int(ws.metrics["memory"]) if ws else 0,
-                true_rss=int(proc.memory_info().rss),
+                true_rss=true_rss,
             )
         )
 
@@ -278,7 +289,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         ("samples (every 0.5 s, 1 s timeout)", "samples", ""),
         ("Dask worker /metrics answered", "worker_answered", ""),
-        ("Dask worker /metrics median latency", "worker_median_ms", " ms"),
+        ("Dask worker /metrics median latency (answered)", "worker_median_ms", " ms"),
         ("exporter /metrics answered", "exporter_answered", ""),
         ("exporter /metrics median latency", "exporter_median_ms", " ms"),
         ("exporter /metrics max latency", "exporter_max_ms", " ms"),
@@ -288,6 +299,7 @@ def table(result: dict[str, Any]) -> str:
         ("heartbeat `metrics.memory` (scheduler)", "heartbeat_process_mib", " MiB"),
         ("exporter error vs true RSS", "exporter_error_mib", " MiB"),
         ("heartbeat error vs true RSS", "heartbeat_error_mib", " MiB"),
+        ("exporter's largest lag behind true RSS", "exporter_max_lag_mib", " MiB"),
     ]
     for label, key, unit in lines:
         a, b = idle[key], stall[key]

@@ -9,10 +9,8 @@ of another UID; the tests run as root, so that denial is the one thing simulated
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import pytest
 import pytest_asyncio
 from distributed import Client, LocalCluster
 
+from benchmarks.blocked_event_loop import hold_gil_and_grow
 from exporter import names as n
 from exporter.demo import leak_step, start_cluster, wait_for_workers
 from exporter.process import LocalProcessSource
@@ -56,37 +55,6 @@ def by_labels(samples: Samples, metric: str) -> dict[tuple[str, str], float]:
 
 def source_success(samples: Samples, source: str) -> float | None:
     return samples.get((n.EXPORTER_SOURCE_SUCCESS, (("source", source),)))
-
-
-# --- code that runs on a worker --------------------------------------------------------------
-def hold_gil_and_grow(seconds: float, step: int) -> int:
-    """Hold the GIL for about ``seconds`` in one C call while allocating ``step`` bytes at a time.
-
-    ``list(zip(map(pattern.match, ...), map(b"x".__mul__, ...)))`` runs entirely in C: each
-    element is a catastrophically backtracking regex (the GIL is never released) followed by a
-    freshly written ``step``-byte object, so RSS climbs all through the stall while the event
-    loop, heartbeats and the worker's own /metrics are frozen.
-    """
-    pattern = re.compile(r"(a+)+b")
-    size = 16
-    while True:  # calibrate outside the stall: about 50 ms per match, then x4
-        started = time.perf_counter()
-        pattern.match("a" * size)
-        took = time.perf_counter() - started
-        if took > 0.05 or size >= 30:
-            break
-        size += 1
-    per_step = 4 * took
-    steps = max(1, int(seconds / per_step))
-    text = "a" * (size + 2)
-    held = list(
-        zip(
-            map(pattern.match, itertools.repeat(text, steps)),
-            map(b"x".__mul__, itertools.repeat(step, steps)),
-            strict=True,
-        )
-    )
-    return len(held)
 
 
 # --- a LocalCluster, mode both -----------------------------------------------------------------
