@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--log-level", default="INFO")
 
-    gen = sub.add_parser("generate", help="write alert rules or dashboards from the mixin config")
-    gen.add_argument("what", choices=["rules", "dashboards"])
+    gen = sub.add_parser(
+        "generate",
+        help="write alert rules, dashboards or Grafana provisioning files from the mixin config",
+    )
+    gen.add_argument("what", choices=["rules", "dashboards", "provisioning"])
     gen.add_argument("--output-dir", type=Path, help="directory to write the files into")
     gen.add_argument(
         "--set",
@@ -143,10 +146,14 @@ def _generate(args: argparse.Namespace) -> int:
         from .rules import render_files as render_rules
 
         render, default_dir = render_rules, Path("deploy/prometheus")
-    else:
+    elif args.what == "dashboards":
         from .dashboards import render_files as render_dashboards
 
         render, default_dir = render_dashboards, Path("grafana/dashboards")
+    else:
+        from .dashboards import render_provisioning
+
+        render, default_dir = render_provisioning, Path("grafana/provisioning")
     out: Path = args.output_dir or default_dir
     try:
         files = render(config)
