@@ -21,10 +21,12 @@ RUN /opt/venv/bin/pip install --no-cache-dir --require-virtualenv -r requirement
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 # The package itself, without letting pip resolve anything beyond the lock; then prove the
-# environment is consistent and the entry point imports.
+# environment is consistent and the entry point imports. pip and setuptools are not needed at
+# run time: leave them out of the image.
 RUN /opt/venv/bin/pip install --no-cache-dir --require-virtualenv --no-deps ./ \
     && /opt/venv/bin/pip check \
-    && /opt/venv/bin/dask-memory-exporter --version
+    && /opt/venv/bin/dask-memory-exporter --version \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE}
 ARG UID=10001
