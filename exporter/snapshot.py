@@ -138,15 +138,17 @@ class Poller:
         poll: SchedulerPoll | None = None
         failed = False
         statuses: list[SourceStatus] = []
-        if self.source is not None:
-            due = self.local is None or time.monotonic() >= self._retry_at
-            if self._fetching is None and due:
+        if self.source is not None and self.local is None:
+            poll, status = await self._fetch()
+            failed = not status.success
+            statuses.append(status)
+        elif self.source is not None:
+            # With a local source, a slow or hung scheduler must not hold up the local
+            # figures: wait at most one interval, then leave the fetch running for later.
+            if self._fetching is None and time.monotonic() >= self._retry_at:
                 self._fetching = asyncio.create_task(self._fetch())
             if self._fetching is not None:
-                # With a local source, a slow or hung scheduler must not hold up the local
-                # figures: wait at most one interval, then leave the fetch running for later.
-                budget = None if self.local is None else self.next_delay()
-                await asyncio.wait({self._fetching}, timeout=budget)
+                await asyncio.wait({self._fetching}, timeout=self.next_delay())
             if self._fetching is not None and self._fetching.done():
                 poll, status = self._fetching.result()
                 self._fetching = None

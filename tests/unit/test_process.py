@@ -8,6 +8,8 @@ real sockets and a real nanny restart are in tests/integration/test_sidecar.py.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -318,3 +320,23 @@ async def test_local_only_without_a_scheduler() -> None:
     assert [(w.info.name, w.rss) for w in snap.workers] == [("w", 400 * MiB)]
     assert not snap.scheduler_up and [s.name for s in snap.sources] == ["local"]
     assert p.next_delay() == 0.5
+
+
+async def test_hung_scheduler_does_not_hold_up_local_figures() -> None:
+    """A fetch that never returns is left running; each poll still publishes fresh RSS."""
+
+    class Hung(Scheduler):
+        async def fetch(self) -> SchedulerPoll:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, None, "", "w")))
+    p = Poller(Hung(), MemoryModel(30), {}, _publish, local=local, local_workers_only=True)
+    for rss in (400, 500):
+        local.reading = reading(LocalProcess(21, 1.0, rss * MiB, None, "", "w"))
+        started = time.monotonic()
+        snap = await p.poll_once()
+        assert time.monotonic() - started < 2.0
+        assert [w.rss for w in snap.workers] == [rss * MiB]
+    assert p._fetching is not None  # still waiting on the scheduler, only once
+    p._fetching.cancel()
