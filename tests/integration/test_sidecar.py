@@ -313,3 +313,41 @@ async def test_cmdline_matching_and_scheduler_down(
         names = {name for _, name in rss}
         assert "named" in names and any(name.startswith("pid:") for name in names)
         assert scalar(s, n.SCHEDULER_UP) == 0
+
+
+async def test_permission_denied_warns_once_and_falls_back(
+    local_cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RSS reads refused (simulated: the tests run as root) give one warning per process, and
+    the workers keep their heartbeat figures; an unreadable process table (a procfs root that
+    does not exist) gives one warning and local success 0."""
+
+    def denied(self: LocalProcessSource, proc: psutil.Process) -> int:
+        raise psutil.AccessDenied(proc.pid)
+
+    monkeypatch.setattr(LocalProcessSource, "_rss", denied)
+    c = local_cluster
+    await wait_for_workers(c.cluster, 2)
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="both") as ex:
+            s = await ex.wait_for(
+                lambda s: len(by_worker(s, n.WORKER_PROCESS_BYTES)) == 2, what="two workers"
+            )
+            polls = scalar(s, n.EXPORTER_POLLS_TOTAL) or 0
+            s = await ex.wait_for(
+                lambda s: (scalar(s, n.EXPORTER_POLLS_TOTAL) or 0) >= polls + 3, what="3 polls"
+            )
+            assert by_worker(s, n.WORKER_RSS_BYTES) == {}
+            assert source_success(s, n.SOURCE_LOCAL) == 1
+    warnings = [r for r in caplog.records if r.name.startswith("exporter") and r.levelno >= 30]
+    assert len(warnings) == 2 and all("permission denied" in r.getMessage() for r in warnings)
+    assert not any(r.exc_info for r in caplog.records)
+
+    caplog.clear()
+    monkeypatch.setattr(psutil, "PROCFS_PATH", psutil.PROCFS_PATH)  # restored afterwards
+    source = LocalProcessSource("/nonexistent/proc")
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        readings = [source.read({}) for _ in range(3)]
+    assert [r.ok for r in readings] == [False] * 3
+    warnings = [r for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1 and "/nonexistent/proc" in warnings[0].getMessage()
