@@ -72,31 +72,38 @@ def _limited(w: WorkerSnapshot, v: float) -> float | None:
     return v if w.info.memory_limit else None
 
 
+def _heard(
+    read: Callable[[WorkerSnapshot, Snapshot], float | None],
+) -> Callable[[WorkerSnapshot, Snapshot], float | None]:
+    """A heartbeat figure: none for a local process the scheduler has not reported."""
+    return lambda w, s: None if w.local_only else read(w, s)
+
+
 WORKER_GAUGES: tuple[WorkerGauge, ...] = (
     WorkerGauge(
         n.WORKER_PROCESS_BYTES,
         "Worker process memory (RSS) in bytes.",
-        lambda w, s: w.memory.process,
+        _heard(lambda w, s: w.memory.process),
     ),
     WorkerGauge(
         n.WORKER_MANAGED_BYTES,
         "Managed memory in RAM (Dask keys) in bytes.",
-        lambda w, s: w.memory.managed,
+        _heard(lambda w, s: w.memory.managed),
     ),
     WorkerGauge(
         n.WORKER_UNMANAGED_BYTES,
         "Unmanaged (old) memory in bytes: the minimum over recent-to-old-time.",
-        lambda w, s: w.memory.unmanaged_old,
+        _heard(lambda w, s: w.memory.unmanaged_old),
     ),
     WorkerGauge(
         n.WORKER_UNMANAGED_RECENT_BYTES,
         "Unmanaged memory that appeared within recent-to-old-time, in bytes.",
-        lambda w, s: w.memory.unmanaged_recent,
+        _heard(lambda w, s: w.memory.unmanaged_recent),
     ),
     WorkerGauge(
         n.WORKER_SPILLED_BYTES,
         "Managed data spilled to disk, in bytes on disk.",
-        lambda w, s: w.memory.spilled,
+        _heard(lambda w, s: w.memory.spilled),
     ),
     WorkerGauge(
         n.WORKER_LIMIT_BYTES, "Worker memory_limit in bytes.", lambda w, s: w.info.memory_limit
@@ -104,23 +111,23 @@ WORKER_GAUGES: tuple[WorkerGauge, ...] = (
     WorkerGauge(
         n.WORKER_THRESHOLD_RATIO,
         "Memory-manager thresholds as a fraction of memory_limit.",
-        lambda w, s: _limited(w, 1.0),
+        _heard(lambda w, s: _limited(w, 1.0)),
         per_threshold=True,
     ),
     WorkerGauge(
         n.WORKER_PAUSED,
         "1 if the worker is paused, else 0.",
-        lambda w, s: 1.0 if w.info.status == "paused" else 0.0,
+        _heard(lambda w, s: 1.0 if w.info.status == "paused" else 0.0),
     ),
     WorkerGauge(
         n.WORKER_HEARTBEAT_AGE_SECONDS,
         "Seconds since the scheduler last received a heartbeat from the worker.",
-        lambda w, s: max(0.0, s.time - w.info.last_seen),
+        _heard(lambda w, s: max(0.0, s.time - w.info.last_seen)),
     ),
     WorkerGauge(
         n.WORKER_RSS_BYTES,
         "Worker RSS in bytes, read directly from the OS (local mode).",
-        lambda w, s: w.rss,
+        lambda w, s: w.rss,  # local processes too
     ),
 )
 """The per-worker families in exposition order; ``per_threshold`` values are multiplied by
@@ -169,11 +176,13 @@ class SnapshotCollector(Collector):
 
     def _self_families(self) -> Iterator[Metric]:
         snap = self.snapshot
-        yield GaugeMetricFamily(
-            n.SCHEDULER_UP,
-            "1 if the last poll of the scheduler succeeded, else 0.",
-            value=1.0 if snap.scheduler_up else 0.0,
-        )
+        if not snap.sources or any(s.name == n.SOURCE_SCHEDULER for s in snap.sources):
+            # Omitted for a local-only exporter (no scheduler configured): nothing is down.
+            yield GaugeMetricFamily(
+                n.SCHEDULER_UP,
+                "1 if the last poll of the scheduler succeeded, else 0.",
+                value=1.0 if snap.scheduler_up else 0.0,
+            )
         if snap.scheduler_workers is not None:
             yield GaugeMetricFamily(
                 n.SCHEDULER_WORKERS,
