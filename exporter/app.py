@@ -169,10 +169,7 @@ async def landing(request: web.Request) -> web.Response:
     for w in sorted(snap.workers, key=lambda w: w.info.name):
         info, mem = w.info, w.memory
         share = f"{mem.process / info.memory_limit:.0%}" if info.memory_limit else ""
-        cells = [
-            esc(info.name),
-            esc(info.address),
-            esc(info.status),
+        heard = [
             _mib(mem.process),
             _mib(mem.managed),
             _mib(mem.unmanaged_old),
@@ -182,10 +179,14 @@ async def landing(request: web.Request) -> web.Response:
             share,
             f"{max(0.0, snap.time - info.last_seen):.1f}",
         ]
+        if w.local_only:  # a local process the scheduler has not reported: RSS only
+            heard = [""] * len(heard)
+        cells = [esc(info.name), esc(info.address), esc(info.status), *heard, _mib(w.rss)]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     heads = (
         "name", "address", "status", "process MiB", "managed MiB", "unmanaged MiB",
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
+        "RSS from the OS MiB",
     )  # fmt: skip
     up = "up" if snap.scheduler_up else "DOWN"
     body = f"""<!doctype html>
