@@ -142,6 +142,9 @@ async def test_breakdown_agrees_with_scheduler_memory_state(live: Live) -> None:
 
 
 async def test_http_formats(live: Live) -> None:
+    await live.exporter.wait_for(
+        lambda s: "leak" in by_worker_name(s, n.WORKER_PROCESS_BYTES), what="the workers"
+    )
     status, headers, body = await live.exporter.get("/metrics", **{"Accept-Encoding": "gzip"})
     assert status == 200 and headers["Content-Encoding"] == "gzip"
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
