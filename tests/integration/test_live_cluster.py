@@ -8,6 +8,7 @@ with the scheduler's own ``WorkerState.memory`` (the LocalCluster scheduler runs
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -153,6 +154,10 @@ async def test_http_formats(live: Live) -> None:
     assert status == 200 and headers["Content-Encoding"] == "gzip"
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert n.WORKER_PROCESS_BYTES in body.decode()
+    # The live exposition, as served, passes Prometheus' own linter.
+    lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                          timeout=30)
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
     prom_accept = (
         "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
