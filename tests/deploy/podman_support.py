@@ -8,7 +8,8 @@ directory (``$DME_PODMAN_CACHE``, default ``/var/tmp/dask-memory-exporter-podman
 survives test runs, so the base is bootstrapped once per machine.
 
 Missing tools (podman, runc, debootstrap) are installed with apt-get when running as root, as CI
-does; otherwise the caller skips. Run ``python tests/deploy/podman_support.py`` to prepare by hand.
+does; otherwise the image test fails with the reason. Run
+``python tests/deploy/podman_support.py`` to prepare by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +26,31 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("DME_PODMAN_CACHE", "/var/tmp/dask-memory-exporter-podman"))
 BASE_IMAGE = "localhost/bookworm-python:local"
-DEBIAN_MIRROR = os.environ.get("DME_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def _apt_mirror() -> str:
+    """The Debian archive this machine's apt already uses (``$DME_DEBIAN_MIRROR`` overrides).
+
+    Reading it from apt's own sources keeps the bootstrap on the mirror the machine is set up
+    to reach, rather than naming one here.
+    """
+    if os.environ.get("DME_DEBIAN_MIRROR"):
+        return os.environ["DME_DEBIAN_MIRROR"]
+    uris: list[str] = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in path.read_text().splitlines():
+            if line.startswith("URIs:"):
+                uris += line.split()[1:]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                uris.append(parts[2] if parts[1].startswith("[") else parts[1])
+    for uri in uris:
+        if uri.rstrip("/").endswith("/debian"):
+            return uri
+    raise Unavailable("no Debian archive in /etc/apt sources; set DME_DEBIAN_MIRROR")
 APT_PACKAGES = ("podman", "runc", "debootstrap")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -50,7 +75,7 @@ tmp_dir = "{root}/tmp"
 
 
 class Unavailable(RuntimeError):
-    """Podman cannot be set up here (not root, apt or debootstrap failed): skip, with reason."""
+    """Podman cannot be set up here (not root, apt or debootstrap failed): the reason."""
 
 
 def missing_tools() -> list[str]:
@@ -141,7 +166,7 @@ def ensure_base_image() -> str:
                 "--include=python3,python3-venv,ca-certificates",
                 "bookworm",
                 rootfs,
-                DEBIAN_MIRROR,
+                _apt_mirror(),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
             if proc.returncode != 0:
