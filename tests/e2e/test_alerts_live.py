@@ -16,16 +16,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 import yaml
 from aiohttp import web
@@ -41,6 +38,7 @@ from exporter.rules import (
     cluster_sum,
     render_files,
 )
+from tests.support.demo import run_demo
 from tests.support.promstack import (
     Alertmanager,
     Prometheus,
@@ -156,46 +154,13 @@ def live_alertmanager_config(webhook_url: str) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-@contextlib.contextmanager
-def run_demo(port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``dask-memory-exporter demo`` serving on 127.0.0.1:port; SIGTERM, then kill, on exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                "demo",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--scenario",
-                "all",
-                "--memory-limit",
-                MEMORY_LIMIT,
-                "--leak-rate",
-                LEAK_RATE,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    children: dict[int, psutil.Process] = {}
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(psutil.Error):
-            children = {c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)}
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        _, alive = psutil.wait_procs(list(children.values()), timeout=10)
-        for p in alive:  # the demo's own worker processes, if its shutdown left any
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+def leaking_demo(
+    port: int, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """The demo with all three workers and a leak fast enough for a test."""
+    return run_demo(
+        port, log, "--scenario", "all", "--memory-limit", MEMORY_LIMIT, "--leak-rate", LEAK_RATE
+    )
 
 
 async def scrape_paused(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -265,7 +230,7 @@ async def test_leak_alerts_arrive_before_pause_and_healthy_workers_stay_silent(
                 rule_texts=render_files(LIVE),
                 alertmanager_url=am.url,
             ) as prom,
-            run_demo(port, demo_log) as demo,
+            leaking_demo(port, demo_log) as demo,
         ):
             paused_at: float | None = None
             timeout = aiohttp.ClientTimeout(total=5)

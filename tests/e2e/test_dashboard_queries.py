@@ -20,15 +20,12 @@ import contextlib
 import dataclasses
 import json
 import re
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from exporter import names as n
@@ -36,6 +33,7 @@ from exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
 from exporter.mixin import MixinConfig
 from exporter.rules import cluster_sum
 from exporter.rules import render_files as render_rules
+from tests.support.demo import run_demo
 from tests.support.promstack import (
     Prometheus,
     PromStackError,
@@ -127,36 +125,9 @@ def run(prom: Prometheus, q: Query, values: dict[str, str], at: float) -> list[S
     return instant
 
 
-@contextlib.contextmanager
-def demo(port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def demo(port: int, log: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """The demo, leaking fast (the leaking worker pauses within seconds); stopped on exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "exporter", "demo",
-                "--listen", f"127.0.0.1:{port}",
-                "--memory-limit", "300MiB",
-                "--leak-rate", "40MiB",
-            ],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
-    children: list[psutil.Process] = []
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(psutil.Error):
-            children = psutil.Process(proc.pid).children(recursive=True)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        _, alive = psutil.wait_procs(children, timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+    return run_demo(port, log, "--memory-limit", "300MiB", "--leak-rate", "40MiB")
 
 
 @pytest.mark.timeout(180)
