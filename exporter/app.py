@@ -43,7 +43,11 @@ class ExporterState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.exposition = Exposition.render(
-            Snapshot(time=time.time(), thresholds=settings.thresholds),
+            Snapshot(
+                time=time.time(),
+                thresholds=settings.thresholds,
+                has_scheduler=settings.scheduler is not None,
+            ),
             process_metrics=settings.process_metrics,
         )
         self.poller: Poller | None = None

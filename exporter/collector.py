@@ -176,7 +176,7 @@ class SnapshotCollector(Collector):
 
     def _self_families(self) -> Iterator[Metric]:
         snap = self.snapshot
-        if not snap.sources or any(s.name == n.SOURCE_SCHEDULER for s in snap.sources):
+        if snap.has_scheduler:
             # Omitted for a local-only exporter (no scheduler configured): nothing is down.
             yield GaugeMetricFamily(
                 n.SCHEDULER_UP,

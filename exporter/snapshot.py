@@ -75,6 +75,8 @@ class Snapshot:
     polls_total: int = 0
     poll_errors_total: int = 0
     skipped_workers: int = 0
+    has_scheduler: bool = True
+    """False for a local-only exporter with no scheduler configured: nothing to be up or down."""
 
 
 class Source(Protocol):
@@ -125,7 +127,9 @@ class Poller:
         self.min_interval = min_interval
         self.max_backoff = max_backoff
         self.clock = clock
-        self.snapshot = Snapshot(time=clock(), thresholds=dict(thresholds))
+        self.snapshot = Snapshot(
+            time=clock(), thresholds=dict(thresholds), has_scheduler=source is not None
+        )
         self._failures = 0
         self._retry_at = 0.0  # monotonic time of the next scheduler attempt (with a local source)
         self._fetching: asyncio.Task[tuple[SchedulerPoll | None, SourceStatus]] | None = None
