@@ -410,37 +410,58 @@ def _base(config: MixinConfig, title: str, file_name: str, description: str) -> 
     )
 
 
+def _with_head(
+    d: db.Dashboard,
+    q: _Sel,
+    *,
+    worker_multi: bool,
+    paused_name: str,
+    alerts_enabled: bool,
+    alerts_expr: str,
+) -> db.Dashboard:
+    """What both dashboards start with: variables, and annotations for pauses and alerts."""
+    for v in _variables(q, worker_multi=worker_multi):
+        d = d.with_variable(v)
+    return (
+        d.annotation(_builtin_annotation())
+        .annotation(
+            db.AnnotationQuery()
+            .name(paused_name)
+            .datasource(DS)
+            .enable(True)
+            .icon_color("orange")
+            .expr(f"max by ({n.LABEL_WORKER_NAME}) ({n.WORKER_PAUSED}{q.worker()}) == 1")
+        )
+        .annotation(
+            db.AnnotationQuery()
+            .name("Dask alerts")
+            .datasource(DS)
+            .enable(alerts_enabled)
+            .icon_color("red")
+            .expr(alerts_expr)
+        )
+    )
+
+
 # --- the cluster dashboard --------------------------------------------------------------------
 def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
     """ "Dask cluster memory": the cluster's memory picture, per worker, alerts, pauses."""
     q = _Sel(config)
     cs, ws = q.cluster(), q.worker()
-    d = _base(
-        config,
-        "Dask cluster memory",
-        CLUSTER_FILE,
-        "Memory of a Dask cluster's workers as the Dask dashboard shows it (managed, unmanaged, "
-        "unmanaged recent, spilled), against each worker's limit and memory-manager thresholds. "
-        "From dask-memory-exporter.",
-    ).link(_link("Dask worker memory", WORKER_FILE))
-    for v in _variables(q, worker_multi=True):
-        d = d.with_variable(v)
-    d = d.annotation(_builtin_annotation())
-    d = d.annotation(
-        db.AnnotationQuery()
-        .name("Paused workers")
-        .datasource(DS)
-        .enable(True)
-        .icon_color("orange")
-        .expr(f"max by ({n.LABEL_WORKER_NAME}) ({n.WORKER_PAUSED}{ws}) == 1")
-    )
-    d = d.annotation(
-        db.AnnotationQuery()
-        .name("Dask alerts")
-        .datasource(DS)
-        .enable(False)
-        .icon_color("red")
-        .expr(q.alerts(FIRING))
+    d = _with_head(
+        _base(
+            config,
+            "Dask cluster memory",
+            CLUSTER_FILE,
+            "Memory of a Dask cluster's workers as the Dask dashboard shows it (managed, "
+            "unmanaged, unmanaged recent, spilled), against each worker's limit and "
+            "memory-manager thresholds. From dask-memory-exporter.",
+        ).link(_link("Dask worker memory", WORKER_FILE)),
+        q,
+        worker_multi=True,
+        paused_name="Paused workers",
+        alerts_enabled=False,
+        alerts_expr=q.alerts(FIRING),
     )
 
     firing = q.alerts(FIRING)
@@ -800,31 +821,19 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
     """ "Dask worker memory": one worker over time."""
     q = _Sel(config)
     ws = q.worker()
-    d = _base(
-        config,
-        "Dask worker memory",
-        WORKER_FILE,
-        "One Dask worker's memory over time against its limit and thresholds, its process "
-        "memory by source, paused state and heartbeat age. From dask-memory-exporter.",
-    ).link(_link("Dask cluster memory", CLUSTER_FILE))
-    for v in _variables(q, worker_multi=False):
-        d = d.with_variable(v)
-    d = d.annotation(_builtin_annotation())
-    d = d.annotation(
-        db.AnnotationQuery()
-        .name("Paused")
-        .datasource(DS)
-        .enable(True)
-        .icon_color("orange")
-        .expr(f"max by ({n.LABEL_WORKER_NAME}) ({n.WORKER_PAUSED}{ws}) == 1")
-    )
-    d = d.annotation(
-        db.AnnotationQuery()
-        .name("Dask alerts")
-        .datasource(DS)
-        .enable(True)
-        .icon_color("red")
-        .expr(q.alerts(FIRING, q.worker_matcher))
+    d = _with_head(
+        _base(
+            config,
+            "Dask worker memory",
+            WORKER_FILE,
+            "One Dask worker's memory over time against its limit and thresholds, its process "
+            "memory by source, paused state and heartbeat age. From dask-memory-exporter.",
+        ).link(_link("Dask cluster memory", CLUSTER_FILE)),
+        q,
+        worker_multi=False,
+        paused_name="Paused",
+        alerts_enabled=True,
+        alerts_expr=q.alerts(FIRING, q.worker_matcher),
     )
     d = d.with_row(db.Row("$worker"))
     d = d.with_panel(

@@ -37,7 +37,7 @@ from dask.utils import format_bytes, parse_bytes
 from distributed import Client, Future, LocalCluster, Scheduler
 
 from .app import STATE, make_app
-from .config import load_settings
+from .config import ConfigError, load_settings, parse_listen
 from .memory import MemoryBreakdown
 
 __all__ = ["run_demo"]
@@ -188,7 +188,10 @@ async def _demo(args: argparse.Namespace) -> int:
     limit = parse_bytes(args.memory_limit)
     rate = parse_bytes(args.leak_rate)
     roles = ROLES[args.scenario]
-    load_settings({"listen": args.listen, "scheduler": "tcp://127.0.0.1:1"})  # validate early
+    try:  # before the cluster starts: a bad address costs no start-up
+        parse_listen(args.listen)
+    except ValueError as e:
+        raise ConfigError(f"--listen: {e}") from None
     cluster = await start_cluster(roles, limit)
     tasks: list[asyncio.Task[Any]] = []
     runner: web.AppRunner | None = None

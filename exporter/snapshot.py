@@ -160,13 +160,14 @@ class Poller:
                 statuses.append(status)
             else:  # backing off or still waiting: report the scheduler's last result
                 statuses.extend(s for s in prev.sources if s.name == SOURCE_SCHEDULER)
+        # The scheduler's workers: this poll's, or as last heard of while it is down.
+        infos = poll.workers if poll is not None else _known(prev)
         reading: LocalReading | None = None
         if self.local is not None:
-            known = poll.workers if poll is not None else _known(prev)
-            reading, status = await self._read_local(known)
+            reading, status = await self._read_local(infos)
             failed = failed or not status.success
             statuses.append(status)
-        snap = self._build(prev, poll, reading, tuple(statuses), failed, start)
+        snap = self._build(prev, poll, infos, reading, tuple(statuses), failed, start)
         self.snapshot = snap
         await self.publish(snap)
         return snap
@@ -213,12 +214,12 @@ class Poller:
         self,
         prev: Snapshot,
         poll: SchedulerPoll | None,
+        infos: Mapping[str, WorkerInfo],
         reading: LocalReading | None,
         sources: tuple[SourceStatus, ...],
         failed: bool,
         start: float,
     ) -> Snapshot:
-        infos = poll.workers if poll is not None else _known(prev)
         matched = reading.matched if reading is not None and reading.ok else {}
         if self.local_workers_only:
             if reading is not None and reading.ok:
