@@ -56,18 +56,25 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times) * 1000
 
 
+def in_process_cluster(n_workers: int) -> LocalCluster:
+    """Workers in this process (over loopback TCP), so that many fit on two cores."""
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        scheduler_port=0,
+        dashboard_address="127.0.0.1:0",
+        asynchronous=True,
+        memory_limit="1GiB",
+    )
+
+
 async def real_worker_entry() -> dict[str, Any]:
     """One worker entry of a live scheduler's identity answer, as it travels the wire."""
     async with (
-        LocalCluster(
-            n_workers=1,
-            processes=False,
-            protocol="tcp",
-            host="127.0.0.1",
-            scheduler_port=0,
-            dashboard_address="127.0.0.1:0",
-            asynchronous=True,
-        ) as cluster,
+        in_process_cluster(1) as cluster,
         rpc(cluster.scheduler_address) as r,
     ):
         await asyncio.sleep(1.5)  # a few heartbeats
@@ -205,17 +212,7 @@ def memory_soak(entry_json: str, n: int, polls: int) -> None:
 
 async def scheduler_side(n_workers: int) -> dict[str, float]:
     """Time the scheduler's identity handler with ``n_workers`` real in-process workers."""
-    async with LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        memory_limit="1GiB",
-    ) as cluster:
+    async with in_process_cluster(n_workers) as cluster:
         sched = cluster.scheduler
         assert sched is not None
         while len(sched.workers) < n_workers:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from tests.deploy.podman_support import (
     podman,
     remove_image,
 )
+from tests.support.promstack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -43,12 +43,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(900),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 3.0) -> tuple[int, str]:
@@ -170,7 +164,7 @@ def _wait_ready(base: str, name: str) -> None:
 def test_image_serves_a_real_scheduler(image: str, cluster: tuple[str, set[str]]) -> None:
     """Locked down as in the Kubernetes manifests, the image reports the cluster's workers."""
     address, workers = cluster
-    port = _free_port()
+    port = free_port()
     name = f"dme-test-{uuid.uuid4().hex[:8]}"
     env = {
         "DASK_SCHEDULER_ADDRESS": address,
@@ -252,7 +246,7 @@ def test_image_local_mode_reads_worker_rss_as_another_uid(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    port = _free_port()
+    port = free_port()
     name = f"dme-test-{uuid.uuid4().hex[:8]}"
     base = f"http://127.0.0.1:{port}"
     try:
@@ -283,7 +277,7 @@ def test_image_local_mode_reads_worker_rss_as_another_uid(
             if any(v > 10 * 2**20 for w, v in rss.items() if w not in workers):
                 break
             time.sleep(1)
-        assert local_source, f"no source=\"local\" in the exporter's metrics:\n{metrics}"
+        assert local_source, f'no source="local" in the exporter\'s metrics:\n{metrics}'
         logs = podman(["logs", name], check=False)
         cli_workers = {w: v for w, v in rss.items() if w not in workers}
         assert cli_workers, f"no RSS for the `dask worker` process; logs:\n{logs.stderr}\n{metrics}"

@@ -26,7 +26,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import names as n
 from exporter.mixin import MixinConfig
@@ -39,6 +38,7 @@ from exporter.rules import (
     render_files,
 )
 from tests.support.demo import run_demo
+from tests.support.live import by_worker_name, parse
 from tests.support.promstack import (
     Alertmanager,
     Prometheus,
@@ -166,13 +166,7 @@ def leaking_demo(
 async def scrape_paused(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     """{worker_name: dask_memory_worker_paused} straight from the exporter (no Prometheus)."""
     async with session.get(url) as r:
-        text = await r.text()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == n.WORKER_PAUSED:
-            for s in family.samples:
-                out[s.labels[n.LABEL_WORKER_NAME]] = s.value
-    return out
+        return by_worker_name(parse(await r.text()), n.WORKER_PAUSED)
 
 
 def _diagnostics(hook: Webhook, demo_log: Path, extra: str = "") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,14 +15,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import STATE, ExporterState, make_app
 from exporter.config import Settings, load_settings
+from tests.support.promstack import free_port
+
+__all__ = [
+    "Exporter",
+    "by_worker_name",
+    "eventually",
+    "free_port",
+    "parse",
+    "scalar",
+    "serve_exporter",
+]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse(text: str) -> Samples:

@@ -15,6 +15,7 @@ from exporter.collector import Exposition
 from exporter.memory import MemoryBreakdown, WorkerReading
 from exporter.scheduler import WorkerInfo, decode_identity
 from exporter.snapshot import Snapshot, SourceStatus, WorkerSnapshot
+from tests.support.live import parse as samples
 
 MiB = 2**20
 THRESHOLDS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
@@ -62,14 +63,6 @@ def snapshot(*workers: WorkerSnapshot, up: bool = True) -> Snapshot:
         polls_total=10,
         poll_errors_total=1,
     )
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -245,16 +238,22 @@ def _reference(snap: Snapshot, openmetrics: bool) -> str:
 def _families(text: str, openmetrics: bool) -> dict[str, Any]:
     parser = parse_om if openmetrics else text_string_to_metric_families
     return {
-        f.name: (f.type, f.documentation,
-                 sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples))
+        f.name: (
+            f.type,
+            f.documentation,
+            sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples),
+        )
         for f in parser(text)
     }
 
 
 @pytest.mark.parametrize("openmetrics", [False, True])
 def test_direct_writer_equals_prometheus_client(openmetrics: bool) -> None:
-    snap = snapshot(worker("a", 1000 * MiB, "paused"), worker("bb", None, rss=77 * MiB),
-                    worker('odd "na\\me"\n', 2000 * MiB, rss=5))
+    snap = snapshot(
+        worker("a", 1000 * MiB, "paused"),
+        worker("bb", None, rss=77 * MiB),
+        worker('odd "na\\me"\n', 2000 * MiB, rss=5),
+    )
     expo = Exposition.render(snap, process_metrics=False)
     fast = (expo.openmetrics if openmetrics else expo.text).decode()
     assert _families(fast, openmetrics) == _families(_reference(snap, openmetrics), openmetrics)
