@@ -188,7 +188,7 @@ def run(stall: float, step: int) -> dict[str, Any]:
         pid = client.run(os.getpid, workers=[addr])[addr]
         port = _free_port()
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", "--mode", "both",
+            [sys.executable, "-m", "dask_memory_exporter", "serve", "--mode", "both",
              "--scheduler", cluster.scheduler_address, "--listen", f"127.0.0.1:{port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

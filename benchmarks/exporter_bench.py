@@ -36,12 +36,12 @@ from distributed import LocalCluster
 from distributed.core import rpc
 from distributed.protocol.core import dumps, loads
 
-from exporter.app import STATE, metrics
-from exporter.collector import Exposition
-from exporter.config import load_settings
-from exporter.memory import MemoryModel
-from exporter.scheduler import decode_identity
-from exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter.app import STATE, metrics
+from dask_memory_exporter.collector import Exposition
+from dask_memory_exporter.config import load_settings
+from dask_memory_exporter.memory import MemoryModel
+from dask_memory_exporter.scheduler import decode_identity
+from dask_memory_exporter.snapshot import Poller, Snapshot
 
 MiB = 2**20
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -139,7 +139,7 @@ def _snapshot(ident: dict[str, Any], model: MemoryModel, thresholds: dict[str, f
 
 
 async def _bench_scrape(expo: Exposition, settings: Any) -> dict[str, float]:
-    from exporter.app import make_app
+    from dask_memory_exporter.app import make_app
 
     app = make_app(settings)
     app[STATE].exposition = expo

@@ -1,4 +1,4 @@
-"""``python -m exporter``: same as the ``dask-memory-exporter`` command."""
+"""``python -m dask_memory_exporter``: same as the ``dask-memory-exporter`` command."""
 
 from .cli import main
 

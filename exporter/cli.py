@@ -27,7 +27,7 @@ from .mixin import MixinConfig
 
 __all__ = ["main"]
 
-logger = logging.getLogger("exporter")
+logger = logging.getLogger("dask_memory_exporter")
 PROG = "dask-memory-exporter"
 
 

@@ -13,8 +13,9 @@ examples under ``grafana/provisioning/``:
     time with its thresholds, process memory by source (scheduler heartbeat versus the sidecar's
     direct RSS), paused state and heartbeat age.
 
-Pure and deterministic: metric names come from :mod:`exporter.names` (and recorded series
-from :mod:`exporter.rules`), selectors, tags, refresh and time range from the MixinConfig.
+Pure and deterministic: metric names come from :mod:`dask_memory_exporter.names` (and
+recorded series from :mod:`dask_memory_exporter.rules`), selectors, tags, refresh and time
+range from the MixinConfig.
 Thresholds are never constants here: they are drawn from the exporter's
 ``dask_memory_worker_threshold_ratio`` and ``dask_memory_worker_limit_bytes`` series.
 

@@ -2,9 +2,9 @@
 
 Covers the Prometheus rule files committed under ``deploy/prometheus/`` (one file of alerts,
 one of recording rules, and both as a prometheus-operator ``PrometheusRule``). Pure: no I/O,
-deterministic YAML. Metric names come from :mod:`exporter.names`; windows, ``for:`` durations,
-severities and selectors from the MixinConfig. Memory thresholds are never constants here: each
-rule reads ``dask_memory_worker_threshold_ratio{threshold=...}`` and
+deterministic YAML. Metric names come from :mod:`dask_memory_exporter.names`; windows, ``for:``
+durations, severities and selectors from the MixinConfig. Memory thresholds are never
+constants here: each rule reads ``dask_memory_worker_threshold_ratio{threshold=...}`` and
 ``dask_memory_worker_limit_bytes`` from the exporter, so a cluster with other Dask settings is
 judged by its own. A worker without a memory limit has neither series, so the memory alerts
 ignore it (Dask does not manage its memory either). The reasoning behind each expression is in

@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
-from exporter.mixin import MixinConfig
+from dask_memory_exporter.mixin import MixinConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"

@@ -27,9 +27,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from exporter import names as n
-from exporter.mixin import MixinConfig
-from exporter.rules import (
+from dask_memory_exporter import names as n
+from dask_memory_exporter.mixin import MixinConfig
+from dask_memory_exporter.rules import (
     CLUSTER_PAUSED_WORKERS,
     CLUSTER_WORKERS,
     WORKER_PROCESS_LIMIT_RATIO,

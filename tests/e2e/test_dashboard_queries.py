@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 
-from exporter import names as n
-from exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
-from exporter.mixin import MixinConfig
-from exporter.rules import cluster_sum
-from exporter.rules import render_files as render_rules
+from dask_memory_exporter import names as n
+from dask_memory_exporter.dashboards import CLUSTER_FILE, WORKER_FILE, render_files
+from dask_memory_exporter.mixin import MixinConfig
+from dask_memory_exporter.rules import cluster_sum
+from dask_memory_exporter.rules import render_files as render_rules
 from tests.support.demo import run_demo
 from tests.support.promstack import (
     Prometheus,

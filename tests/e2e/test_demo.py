@@ -14,7 +14,7 @@ import urllib.request
 
 import psutil
 
-from exporter import names as n
+from dask_memory_exporter import names as n
 from tests.support.live import by_worker_name, free_port, parse
 
 MiB = 2**20
@@ -30,7 +30,7 @@ def test_demo_shows_leak_and_spill_within_a_minute() -> None:
     port = free_port()
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "demo", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "dask_memory_exporter", "demo", "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     children: list[psutil.Process] = []

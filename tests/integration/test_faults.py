@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from distributed import Scheduler, Worker
 
-from exporter import names as n
+from dask_memory_exporter import names as n
 from tests.support.live import by_worker_name, free_port, parse, scalar, serve_exporter
 
 
@@ -100,7 +100,7 @@ def serve_process() -> Any:
 
     def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         p = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", *args],
+            [sys.executable, "-m", "dask_memory_exporter", "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -19,10 +19,10 @@ import pytest_asyncio
 from distributed import Client, Future, LocalCluster, wait
 from distributed.core import rpc
 
-from exporter import names as n
-from exporter.demo import leak_step, make_block, start_cluster, wait_for_workers
-from exporter.scheduler import decode_identity
-from exporter.snapshot import Snapshot
+from dask_memory_exporter import names as n
+from dask_memory_exporter.demo import leak_step, make_block, start_cluster, wait_for_workers
+from dask_memory_exporter.scheduler import decode_identity
+from dask_memory_exporter.snapshot import Snapshot
 from tests.support.live import Exporter, by_worker_name, parse, scalar, serve_exporter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -213,8 +213,8 @@ async def test_malformed_worker_entry_hides_no_other(live: Live) -> None:
         async def close(self) -> None:
             pass
 
-    from exporter.memory import MemoryModel
-    from exporter.snapshot import Poller
+    from dask_memory_exporter.memory import MemoryModel
+    from dask_memory_exporter.snapshot import Poller
 
     published: list[Snapshot] = []
 

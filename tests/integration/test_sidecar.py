@@ -25,10 +25,10 @@ import pytest_asyncio
 from distributed import Client, LocalCluster
 
 from benchmarks.blocked_event_loop import hold_gil_and_grow
-from exporter import names as n
-from exporter.demo import leak_step, start_cluster, wait_for_workers
-from exporter.process import LocalProcessSource
-from exporter.scheduler import decode_identity
+from dask_memory_exporter import names as n
+from dask_memory_exporter.demo import leak_step, start_cluster, wait_for_workers
+from dask_memory_exporter.process import LocalProcessSource
+from dask_memory_exporter.scheduler import decode_identity
 from tests.support.live import Samples, free_port, scalar, serve_exporter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -170,12 +170,12 @@ async def test_vanished_process_is_skipped(
 
     workers = decode_identity(c.scheduler.identity(n_workers=-1)).workers
     source = KillsMidRead()
-    with caplog.at_level(logging.DEBUG, logger="exporter"):
+    with caplog.at_level(logging.DEBUG, logger="dask_memory_exporter"):
         reading = await asyncio.to_thread(source.read, workers)
     assert reading.ok
     assert set(reading.matched) == set(workers) - {addr_b}
     assert all(p.pid != victim for p in reading.processes)
-    mine = [r for r in caplog.records if r.name.startswith("exporter")]
+    mine = [r for r in caplog.records if r.name.startswith("dask_memory_exporter")]
     assert not [r for r in mine if r.levelno >= logging.WARNING or r.exc_info]
 
 
@@ -328,7 +328,7 @@ async def test_permission_denied_warns_once_and_falls_back(
     monkeypatch.setattr(LocalProcessSource, "_rss", denied)
     c = local_cluster
     await wait_for_workers(c.cluster, 2)
-    with caplog.at_level(logging.INFO, logger="exporter"):
+    with caplog.at_level(logging.INFO, logger="dask_memory_exporter"):
         async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="both") as ex:
             s = await ex.wait_for(
                 lambda s: len(by_worker(s, n.WORKER_PROCESS_BYTES)) == 2, what="two workers"
@@ -339,14 +339,16 @@ async def test_permission_denied_warns_once_and_falls_back(
             )
             assert by_worker(s, n.WORKER_RSS_BYTES) == {}
             assert source_success(s, n.SOURCE_LOCAL) == 1
-    warnings = [r for r in caplog.records if r.name.startswith("exporter") and r.levelno >= 30]
+    warnings = [
+        r for r in caplog.records if r.name.startswith("dask_memory_exporter") and r.levelno >= 30
+    ]
     assert len(warnings) == 2 and all("permission denied" in r.getMessage() for r in warnings)
     assert not any(r.exc_info for r in caplog.records)
 
     caplog.clear()
     monkeypatch.setattr(psutil, "PROCFS_PATH", psutil.PROCFS_PATH)  # restored afterwards
     source = LocalProcessSource("/nonexistent/proc")
-    with caplog.at_level(logging.INFO, logger="exporter"):
+    with caplog.at_level(logging.INFO, logger="dask_memory_exporter"):
         readings = [source.read({}) for _ in range(3)]
     assert [r.ok for r in readings] == [False] * 3
     warnings = [r for r in caplog.records if r.levelno >= 30]

@@ -7,7 +7,7 @@ from pathlib import Path
 from distributed import Scheduler, Worker
 from distributed.security import Security
 
-from exporter import names as n
+from dask_memory_exporter import names as n
 from tests.support.live import by_worker_name, free_port, scalar, serve_exporter
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from exporter import names as n
-from exporter.mixin import MixinConfig
-from exporter.rules import (
+from dask_memory_exporter import names as n
+from dask_memory_exporter.mixin import MixinConfig
+from dask_memory_exporter.rules import (
     CLUSTER_PAUSED_WORKERS,
     CLUSTER_PROCESS_LIMIT_RATIO,
     CLUSTER_WORKERS,

@@ -23,7 +23,15 @@ def run_demo(port: int, log: Path, *args: str) -> Iterator[subprocess.Popen[byte
     """
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "demo", "--listen", f"127.0.0.1:{port}", *args],
+            [
+                sys.executable,
+                "-m",
+                "dask_memory_exporter",
+                "demo",
+                "--listen",
+                f"127.0.0.1:{port}",
+                *args,
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

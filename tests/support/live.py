@@ -13,8 +13,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import STATE, ExporterState, make_app
-from exporter.config import Settings, load_settings
+from dask_memory_exporter.app import STATE, ExporterState, make_app
+from dask_memory_exporter.config import Settings, load_settings
 from tests.support.promstack import free_port
 
 __all__ = [

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import names as n
-from exporter.collector import Exposition
-from exporter.memory import MemoryBreakdown, WorkerReading
-from exporter.scheduler import WorkerInfo, decode_identity
-from exporter.snapshot import Snapshot, SourceStatus, WorkerSnapshot
+from dask_memory_exporter import names as n
+from dask_memory_exporter.collector import Exposition
+from dask_memory_exporter.memory import MemoryBreakdown, WorkerReading
+from dask_memory_exporter.scheduler import WorkerInfo, decode_identity
+from dask_memory_exporter.snapshot import Snapshot, SourceStatus, WorkerSnapshot
 from tests.support.live import parse as samples
 
 MiB = 2**20
@@ -228,7 +228,7 @@ def _reference(snap: Snapshot, openmetrics: bool) -> str:
     from prometheus_client.exposition import generate_latest
     from prometheus_client.openmetrics.exposition import generate_latest as generate_om
 
-    from exporter.collector import SnapshotCollector
+    from dask_memory_exporter.collector import SnapshotCollector
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SnapshotCollector(snap))

@@ -1,8 +1,8 @@
-from exporter import names as n
-from exporter.collector import Exposition
-from exporter.memory import MemoryModel
-from exporter.process import LocalProcess, LocalReading
-from exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter import names as n
+from dask_memory_exporter.collector import Exposition
+from dask_memory_exporter.memory import MemoryModel
+from dask_memory_exporter.process import LocalProcess, LocalReading
+from dask_memory_exporter.snapshot import Poller, Snapshot
 from tests.support.live import parse
 
 

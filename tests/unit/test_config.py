@@ -8,8 +8,8 @@ import sys
 import dask.config
 import pytest
 
-from exporter.cli import main
-from exporter.config import ConfigError, load_settings
+from dask_memory_exporter.cli import main
+from dask_memory_exporter.config import ConfigError, load_settings
 
 
 def test_defaults_and_dask_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +77,10 @@ def test_bad_input_is_one_line(
 )
 def test_cli_exit_2_without_traceback(argv: list[str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "exporter", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "dask_memory_exporter", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

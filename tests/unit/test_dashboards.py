@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter import names as n
-from exporter.cli import main
-from exporter.dashboards import (
+from dask_memory_exporter import names as n
+from dask_memory_exporter.cli import main
+from dask_memory_exporter.dashboards import (
     ALERTNAME_REGEX,
     CLUSTER_FILE,
     DATASOURCE_INPUT,
@@ -27,8 +27,8 @@ from exporter.dashboards import (
     render_provider,
     render_provisioning,
 )
-from exporter.mixin import MixinConfig
-from exporter.rules import alert_rules, recording_rules
+from dask_memory_exporter.mixin import MixinConfig
+from dask_memory_exporter.rules import alert_rules, recording_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "grafana" / "dashboards"

@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from exporter.memory import MemoryBreakdown, MemoryModel, UnmanagedHistory, WorkerReading
+from dask_memory_exporter.memory import (
+    MemoryBreakdown,
+    MemoryModel,
+    UnmanagedHistory,
+    WorkerReading,
+)
 
 MiB = 2**20
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from exporter.memory import MemoryModel
-from exporter.scheduler import SchedulerPoll
-from exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter.memory import MemoryModel
+from dask_memory_exporter.scheduler import SchedulerPoll
+from dask_memory_exporter.snapshot import Poller, Snapshot
 
 
 class Source:

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from exporter import names as n
-from exporter.memory import MemoryModel, WorkerReading
-from exporter.process import (
+from dask_memory_exporter import names as n
+from dask_memory_exporter.memory import MemoryModel, WorkerReading
+from dask_memory_exporter.process import (
     Candidate,
     LocalProcess,
     LocalReading,
@@ -24,8 +24,8 @@ from exporter.process import (
     match,
     parse_worker_command,
 )
-from exporter.scheduler import SchedulerPoll, WorkerInfo
-from exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter.scheduler import SchedulerPoll, WorkerInfo
+from dask_memory_exporter.snapshot import Poller, Snapshot
 
 MiB = 2**20
 NOW = 10_000.0

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter import names
-from exporter.mixin import MixinConfig
-from exporter.rules import (
+from dask_memory_exporter import names
+from dask_memory_exporter.mixin import MixinConfig
+from dask_memory_exporter.rules import (
     ALERTS_FILE,
     PROMETHEUS_RULE_FILE,
     RECORDING_FILE,
