@@ -31,6 +31,9 @@ WORKER_HEARTBEAT_AGE_SECONDS: Final = "dask_memory_worker_heartbeat_age_seconds"
 """Seconds since the scheduler last heard a heartbeat from the worker."""
 WORKER_RSS_BYTES: Final = "dask_memory_worker_rss_bytes"
 """RSS read directly from the operating system by a sidecar (local mode only)."""
+WORKER_HEARTBEAT_PROCESS_BYTES: Final = "dask_memory_worker_heartbeat_process_bytes"
+"""The heartbeat's own process-memory figure, exported only where process memory is the
+direct RSS (sidecar modes): the two differ while the worker's event loop is blocked."""
 
 WORKER_FAMILIES: Final = (
     WORKER_PROCESS_BYTES,
