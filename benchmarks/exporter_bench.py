@@ -40,8 +40,10 @@ from dask_memory_exporter.app import STATE, metrics
 from dask_memory_exporter.collector import Exposition
 from dask_memory_exporter.config import load_settings
 from dask_memory_exporter.memory import MemoryModel
+from dask_memory_exporter.names import Metric
 from dask_memory_exporter.scheduler import decode_identity
 from dask_memory_exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter.source import SourceResult
 
 MiB = 2**20
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -128,13 +130,18 @@ def _snapshot(ident: dict[str, Any], model: MemoryModel, thresholds: dict[str, f
         pass
 
     class Fixed:
-        async def fetch(self) -> Any:
-            return decode_identity(ident)
+        name = "scheduler"
+        roster = True
+        families: tuple[Metric, ...] = ()
+
+        async def fetch(self, workers: Any) -> SourceResult:
+            poll = decode_identity(ident)
+            return SourceResult(workers=poll.workers, skipped=poll.skipped, values=poll.values)
 
         async def close(self) -> None:
             pass
 
-    poller = Poller(Fixed(), model, thresholds, publish)
+    poller = Poller([Fixed()], model, thresholds, publish)
     return asyncio.run(poller.poll_once())
 
 

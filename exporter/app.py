@@ -26,10 +26,11 @@ from .collector import (
 )
 from .config import Settings
 from .memory import MemoryModel
-from .names import SOURCE_LOCAL
+from .names import SOURCE_LOCAL, Metric
 from .process import LocalProcessSource
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
+from .source import Source
 
 __all__ = ["ExporterState", "make_app"]
 
@@ -73,18 +74,16 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     exporter, joined with the scheduler's data when an address is given. ``both``: every
     worker the scheduler knows, with direct RSS for the local ones.
     """
-    source = None
+    sources: list[Source] = []
     if settings.scheduler:
-        source = SchedulerSource(settings.scheduler, settings.security(), settings.timeout)
-    local = None
+        sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
-        local = LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler)
+        sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
     return Poller(
-        source,
+        sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
-        local=local,
         local_workers_only=settings.mode == "local",
         min_interval=settings.poll_interval,
         max_backoff=settings.max_backoff,
@@ -160,8 +159,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
-def _mib(v: int | None) -> str:
+def _mib(v: float | None) -> str:
     return "" if v is None else f"{v / 2**20:,.1f}"
+
+
+def _cell(metric: Metric, v: float | None) -> str:
+    if v is None:
+        return ""
+    if metric.unit == "bytes":
+        return _mib(v)
+    return f"{v:g}"
+
+
+def _column(metric: Metric) -> str:
+    """A column heading from a family's name: its worker-specific part, MiB for bytes."""
+    text = metric.removeprefix("dask_memory_worker_").removesuffix("_" + metric.unit)
+    text = text.replace("_", " ")
+    return f"{text} MiB" if metric.unit == "bytes" else text
 
 
 async def landing(request: web.Request) -> web.Response:
@@ -169,30 +183,49 @@ async def landing(request: web.Request) -> web.Response:
     state = request.app[STATE]
     snap = state.snapshot
     esc = html.escape
+    # Columns that cannot be filled are left out: direct RSS exists only in the sidecar
+    # modes, and a source's own family only where some worker reports it.
+    with_rss = any(w.rss is not None for w in snap.workers) or bool(snap.local_only)
+    extra = [m for m in snap.families if any(m in w.values for w in snap.workers)]
     rows = []
     for w in sorted(snap.workers, key=lambda w: w.info.name):
         info, mem = w.info, w.memory
         share = f"{mem.process / info.memory_limit:.0%}" if info.memory_limit else ""
-        heard = [
-            _mib(mem.process),
-            _mib(mem.managed),
-            _mib(mem.unmanaged_old),
-            _mib(mem.unmanaged_recent),
-            _mib(mem.spilled),
-            _mib(info.memory_limit),
-            share,
+        cells = [
+            esc(info.name), esc(info.address), esc(info.status),
+            _mib(mem.process), _mib(mem.managed), _mib(mem.unmanaged_old),
+            _mib(mem.unmanaged_recent), _mib(mem.spilled), _mib(info.memory_limit), share,
             f"{max(0.0, snap.time - info.last_seen):.1f}",
-        ]
-        if w.local_only:  # a local process the scheduler has not reported: RSS only
-            heard = [""] * len(heard)
-        cells = [esc(info.name), esc(info.address), esc(info.status), *heard, _mib(w.rss)]
+            *([_mib(w.rss)] if with_rss else []),
+            *(_cell(m, w.values.get(m)) for m in extra),
+        ]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    heads = (
+    heads = [
         "name", "address", "status", "process MiB", "managed MiB", "unmanaged MiB",
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
-        "RSS from the OS MiB",
-    )  # fmt: skip
+        *(["RSS from the OS MiB"] if with_rss else []), *(_column(m) for m in extra),
+    ]  # fmt: skip
+    local_rows = "".join(
+        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td></tr>"
+        for p in sorted(snap.local_only, key=lambda p: p.name)
+    )
+    local_table = (
+        "<h2>Worker processes the scheduler has not reported</h2>\n"
+        "<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th></tr>"
+        f"{local_rows}</table>"
+        if local_rows
+        else ""
+    )
     up = "up" if snap.scheduler_up else "DOWN"
+    scheduler = (
+        f"Scheduler {esc(state.settings.scheduler or '')}: <b>{up}</b>; "
+        if snap.has_scheduler
+        else ""
+    )
+    sources = ", ".join(
+        f"{esc(s.name)} {'ok' if s.success else 'FAILING'} ({s.errors_total} errors)"
+        for s in snap.sources
+    )
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>Dask memory exporter</title>
@@ -201,10 +234,10 @@ async def landing(request: web.Request) -> web.Response:
 <h1>Dask memory exporter</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
 <a href="/readyz">Readiness</a></p>
-<p>Scheduler {esc(state.settings.scheduler or "")}: <b>{up}</b>;
-{len(snap.workers)} workers; {snap.polls_total} polls, {snap.poll_errors_total} failed.</p>
+<p>{scheduler}{len(snap.workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {"".join(rows)}
-</table></body></html>
+</table>
+{local_table}</body></html>
 """
     return web.Response(text=body, content_type="text/html")

@@ -778,15 +778,16 @@ def _exporter_panels(q: _Sel) -> list[timeseries.Panel | statetimeline.Panel]:
         .height(6)
         .span(12),
         _ts(
-            "Poll errors",
-            "Failed polls of the scheduler per second, and worker entries skipped as malformed.",
+            "Source errors",
+            "Failed fetches per second of each source (the scheduler, the local processes), "
+            "and worker entries skipped as malformed.",
             "short",
         )
         .with_target(
             _q(
-                f"rate({n.EXPORTER_POLL_ERRORS_TOTAL}{cs}[$__rate_interval])",
+                f"rate({n.EXPORTER_SOURCE_ERRORS_TOTAL}{cs}[$__rate_interval])",
                 "A",
-                "errors/s " + instance,
+                "errors/s {{source}} " + instance,
             )
         )
         .with_target(_q(f"{n.EXPORTER_SKIPPED_WORKERS}{cs}", "B", "skipped workers " + instance))

@@ -37,6 +37,7 @@ This module does not decide what is exported (``snapshot.Poller``) and reads no 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -48,7 +49,8 @@ from typing import Any
 import psutil
 from dask.utils import parse_bytes
 
-from .scheduler import WorkerInfo
+from .names import EXPORTER_LOCAL_UNREADABLE_PROCESSES, SOURCE_LOCAL, Metric
+from .source import LocalOnlyProcess, SourceResult, WorkerInfo
 
 __all__ = [
     "LocalProcess",
@@ -422,7 +424,9 @@ class LocalProcessSource:
     it through its process-wide ``PROCFS_PATH``, so the exporter sets it once here.
     """
 
-    name = "local"
+    name = SOURCE_LOCAL
+    roster = False
+    families: tuple[Metric, ...] = ()
 
     def __init__(
         self,
@@ -638,3 +642,36 @@ class LocalProcessSource:
             value = None
         self._cache.listening[key] = (now, value)
         return value
+
+    async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
+        """The source plug-in's fetch: ``read`` in a thread (it does blocking /proc I/O)."""
+        reading = await asyncio.to_thread(self.read, workers)
+        return source_result(reading)
+
+    async def close(self) -> None:
+        """Nothing to release: each read opens and closes its own /proc files."""
+
+
+def source_result(reading: LocalReading) -> SourceResult:
+    """What a read of the process table contributes: direct RSS by worker address, the
+    processes the scheduler has not reported, and how many could not be read."""
+    if not reading.ok:
+        return SourceResult(ok=False)
+    rss = {a: p.rss for a, p in reading.matched.items() if p.rss is not None}
+    return SourceResult(
+        rss=rss,
+        local_only=_local_only(reading.unmatched),
+        gauges={EXPORTER_LOCAL_UNREADABLE_PROCESSES: float(reading.denied)},
+    )
+
+
+def _local_only(processes: tuple[LocalProcess, ...]) -> tuple[LocalOnlyProcess, ...]:
+    """Unmatched processes with a readable RSS, named by ``--name`` or ``pid:<pid>``."""
+    procs = [p for p in processes if p.rss is not None]
+    names = [p.name or f"pid:{p.pid}" for p in procs]
+    out = []
+    for p, name in zip(procs, names, strict=True):
+        if names.count(name) > 1:  # two nannies with the same --name: keep series distinct
+            name = f"pid:{p.pid}"
+        out.append(LocalOnlyProcess(name=name, pid=p.pid, rss=p.rss or 0))
+    return tuple(out)

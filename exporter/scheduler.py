@@ -15,13 +15,16 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.core import rpc
 from distributed.security import Security
 
+from .heartbeat import HEARTBEAT_GAUGES, read_heartbeat
 from .memory import WorkerReading
+from .names import SOURCE_SCHEDULER, Metric
+from .source import SourceResult, WorkerInfo
 
 __all__ = ["DecodeError", "SchedulerPoll", "SchedulerSource", "WorkerInfo", "decode_identity"]
 
@@ -33,27 +36,14 @@ class DecodeError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """One worker as the scheduler last heard of it."""
-
-    address: str
-    name: str
-    host: str
-    nthreads: int
-    memory_limit: int | None
-    status: str
-    last_seen: float
-    nanny: str | None
-    reading: WorkerReading
-
-
-@dataclass(frozen=True, slots=True)
 class SchedulerPoll:
     """The decoded answer of one ``identity`` call."""
 
     scheduler_address: str
     workers: dict[str, WorkerInfo]
     skipped: int
+    values: dict[str, dict[Metric, float]] = field(default_factory=dict)
+    """Per worker, the heartbeat gauges it reports (``heartbeat.HEARTBEAT_GAUGES``)."""
 
 
 def _int(d: Mapping[str, Any], key: str) -> int:
@@ -109,6 +99,7 @@ def decode_identity(identity: Mapping[str, Any]) -> SchedulerPoll:
     if not isinstance(raw, Mapping):
         raise DecodeError("identity has no 'workers' mapping")
     workers: dict[str, WorkerInfo] = {}
+    values: dict[str, dict[Metric, float]] = {}
     skipped = 0
     for address, info in raw.items():
         try:
@@ -116,15 +107,26 @@ def decode_identity(identity: Mapping[str, Any]) -> SchedulerPoll:
         except DecodeError as e:
             skipped += 1
             logger.debug("skipping worker %s: %s", address, e)
+            continue
+        if HEARTBEAT_GAUGES:
+            values[str(address)] = read_heartbeat(info["metrics"])
     return SchedulerPoll(
-        scheduler_address=str(identity.get("address", "")), workers=workers, skipped=skipped
+        scheduler_address=str(identity.get("address", "")),
+        workers=workers,
+        skipped=skipped,
+        values=values,
     )
 
 
 class SchedulerSource:
-    """Fetches worker identity from one scheduler, keeping one comm open between polls."""
+    """The roster source: worker identity from one scheduler, one comm kept open between polls.
 
-    name = "scheduler"
+    Besides the roster it owns the heartbeat gauges of ``heartbeat.HEARTBEAT_GAUGES``.
+    """
+
+    name = SOURCE_SCHEDULER
+    roster = True
+    families: tuple[Metric, ...] = tuple(g.metric for g in HEARTBEAT_GAUGES)
 
     def __init__(self, address: str, security: Security, timeout: float) -> None:
         self.address = address
@@ -132,7 +134,12 @@ class SchedulerSource:
         self._connection_args = security.get_connection_args("client")
         self._rpc: rpc | None = None
 
-    async def fetch(self) -> SchedulerPoll:
+    async def fetch(self, workers: Mapping[str, WorkerInfo] | None = None) -> SourceResult:
+        """One ``identity`` round trip, decoded; raises on any failure."""
+        poll = await self.fetch_identity()
+        return SourceResult(workers=poll.workers, skipped=poll.skipped, values=poll.values)
+
+    async def fetch_identity(self) -> SchedulerPoll:
         """One ``identity`` round trip; raises on any failure after dropping the connection."""
         if self._rpc is None:
             self._rpc = rpc(

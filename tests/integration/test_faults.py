@@ -15,7 +15,14 @@ import pytest
 from distributed import Scheduler, Worker
 
 from dask_memory_exporter import names as n
-from tests.support.live import by_worker_name, free_port, parse, scalar, serve_exporter
+from tests.support.live import (
+    by_worker_name,
+    free_port,
+    parse,
+    scalar,
+    serve_exporter,
+    source_errors,
+)
 
 
 async def start_scheduler(port: int) -> Scheduler:
@@ -40,7 +47,7 @@ async def test_scheduler_restart_brings_up_to_zero_and_back() -> None:
         assert "w1" in by_worker_name(s, n.WORKER_PROCESS_BYTES)
         assert (await ex.get("/readyz"))[0] == 503
         assert (await ex.get("/healthz"))[0] == 200
-        errors_before = scalar(s, n.EXPORTER_POLL_ERRORS_TOTAL) or 0
+        errors_before = source_errors(s)
         assert errors_before >= 1
 
         scheduler = await start_scheduler(port)
@@ -86,7 +93,7 @@ async def test_hung_scheduler_never_blocks_metrics() -> None:
                 assert time.monotonic() - started < 2.0
                 await asyncio.sleep(0.2)
             s = await ex.wait_for(
-                lambda s: (scalar(s, n.EXPORTER_POLL_ERRORS_TOTAL) or 0) >= 1,
+                lambda s: source_errors(s) >= 1,
                 timeout=10,
                 what="the poll to time out",
             )

@@ -23,6 +23,7 @@ from dask_memory_exporter import names as n
 from dask_memory_exporter.demo import leak_step, make_block, start_cluster, wait_for_workers
 from dask_memory_exporter.scheduler import decode_identity
 from dask_memory_exporter.snapshot import Snapshot
+from dask_memory_exporter.source import SourceResult
 from tests.support.live import Exporter, by_worker_name, parse, scalar, serve_exporter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -155,8 +156,9 @@ async def test_http_formats(live: Live) -> None:
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert n.WORKER_PROCESS_BYTES in body.decode()
     # The live exposition, as served, passes Prometheus' own linter.
-    lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
-                          timeout=30)
+    lint = subprocess.run(
+        ["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30
+    )
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
     prom_accept = (
         "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
@@ -207,8 +209,13 @@ async def test_malformed_worker_entry_hides_no_other(live: Live) -> None:
 
     # Through the poller and the HTTP layer: the bad one is counted, the good one exported.
     class Corrupting:
-        async def fetch(self) -> Any:
-            return decode_identity(identity)
+        name = "scheduler"
+        roster = True
+        families = ()
+
+        async def fetch(self, workers: Any) -> SourceResult:
+            poll = decode_identity(identity)
+            return SourceResult(workers=poll.workers, skipped=poll.skipped)
 
         async def close(self) -> None:
             pass
@@ -221,7 +228,7 @@ async def test_malformed_worker_entry_hides_no_other(live: Live) -> None:
     async def publish(s: Snapshot) -> None:
         published.append(s)
 
-    poller = Poller(Corrupting(), MemoryModel(WINDOW), {}, publish)
+    poller = Poller([Corrupting()], MemoryModel(WINDOW), {}, publish)
     snap = await poller.poll_once()
     assert [w.info.name for w in snap.workers] == ["spill"]
     assert snap.skipped_workers == 1 and snap.scheduler_up

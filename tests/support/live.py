@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dask_memory_exporter.app import STATE, ExporterState, make_app
 from dask_memory_exporter.config import Settings, load_settings
+from dask_memory_exporter.names import EXPORTER_SOURCE_ERRORS_TOTAL
 from tests.support.promstack import free_port
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "parse",
     "scalar",
     "serve_exporter",
+    "source_errors",
 ]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -45,6 +47,11 @@ def by_worker_name(samples: Samples, metric: str) -> dict[str, float]:
 
 def scalar(samples: Samples, metric: str) -> float | None:
     return samples.get((metric, ()))
+
+
+def source_errors(samples: Samples, source: str = "scheduler") -> float:
+    """``dask_memory_exporter_source_errors_total`` of one source (0 before it is reported)."""
+    return samples.get((EXPORTER_SOURCE_ERRORS_TOTAL, (("source", source),)), 0.0)
 
 
 class Exporter:

@@ -8,24 +8,16 @@ real sockets and a real nanny restart are in tests/integration/test_sidecar.py.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Mapping
-
 import pytest
 
-from dask_memory_exporter import names as n
-from dask_memory_exporter.memory import MemoryModel, WorkerReading
+from dask_memory_exporter.memory import WorkerReading
 from dask_memory_exporter.process import (
     Candidate,
-    LocalProcess,
-    LocalReading,
     WorkerCommand,
     match,
     parse_worker_command,
 )
-from dask_memory_exporter.scheduler import SchedulerPoll, WorkerInfo
-from dask_memory_exporter.snapshot import Poller, Snapshot
+from dask_memory_exporter.scheduler import WorkerInfo
 
 MiB = 2**20
 NOW = 10_000.0
@@ -207,136 +199,3 @@ def test_unverified_process_needs_a_port() -> None:
     assert match([stray], ws, {}, None) == {}
     seen = Candidate((50, NOW - 100), None, None, frozenset({("127.0.0.1", 40001)}))
     assert match([seen], ws, {}, None) == {seen.key: ("tcp://127.0.0.1:40001", "port")}
-
-
-# --- the Poller with a local source --------------------------------------------------------
-class Local:
-    def __init__(self, reading: LocalReading) -> None:
-        self.reading = reading
-        self.seen: Mapping[str, WorkerInfo] | None = None
-
-    def read(self, workers: Mapping[str, WorkerInfo] | None = None) -> LocalReading:
-        self.seen = workers
-        return self.reading
-
-
-class Scheduler:
-    def __init__(self, *ws: WorkerInfo) -> None:
-        self.workers = workers(*ws)
-        self.fail = False
-
-    async def fetch(self) -> SchedulerPoll:
-        if self.fail:
-            raise OSError("connection refused")
-        return SchedulerPoll("tcp://s:8786", self.workers, 0)
-
-    async def close(self) -> None:
-        pass
-
-
-async def _publish(s: Snapshot) -> None:
-    pass
-
-
-A, B = "tcp://10.0.0.5:40001", "tcp://10.0.0.7:40001"
-
-
-def reading(*procs: LocalProcess) -> LocalReading:
-    return LocalReading(tuple(procs))
-
-
-async def test_mode_both_overrides_local_workers_only() -> None:
-    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, A, "port")))
-    p = Poller(Scheduler(info(A), info(B)), MemoryModel(30), {}, _publish, local=local)
-    snap = await p.poll_once()
-    by = {w.info.address: w for w in snap.workers}
-    assert set(by) == {A, B}
-    assert by[A].rss == by[A].memory.process == 400 * MiB
-    # the fresh RSS lands in unmanaged recent; old is the heartbeat's sample (100 - 10 MiB)
-    assert (by[A].memory.unmanaged_old, by[A].memory.unmanaged_recent) == (90 * MiB, 300 * MiB)
-    assert by[B].rss is None and by[B].memory.process == 100 * MiB
-    assert {s.name: s.success for s in snap.sources} == {n.SOURCE_SCHEDULER: True, "local": True}
-
-
-async def test_mode_local_exports_matched_and_unknown_processes() -> None:
-    local = Local(
-        reading(
-            LocalProcess(21, 1.0, 400 * MiB, A, "port"),
-            LocalProcess(22, 1.0, 90 * MiB, None, "", "w-new"),
-            LocalProcess(23, 1.0, 80 * MiB),
-            LocalProcess(24, 1.0, None, None),  # RSS denied and unmatched: nothing to show
-        )
-    )
-    p = Poller(
-        Scheduler(info(A), info(B)),
-        MemoryModel(30),
-        {},
-        _publish,
-        local=local,
-        local_workers_only=True,
-    )
-    snap = await p.poll_once()
-    assert [(w.info.address, w.info.name, w.rss, w.local_only) for w in snap.workers] == [
-        (A, A, 400 * MiB, False),
-        ("", "w-new", 90 * MiB, True),
-        ("", "pid:23", 80 * MiB, True),
-    ]
-    assert local.seen is not None and set(local.seen) == {A, B}
-
-
-async def test_scheduler_down_keeps_local_rss_live_at_the_heartbeat_pace() -> None:
-    sched = Scheduler(info(A))
-    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, A, "port")))
-    p = Poller(sched, MemoryModel(30), {}, _publish, local=local, local_workers_only=True)
-    await p.poll_once()
-    sched.fail = True
-    local.reading = reading(LocalProcess(21, 1.0, 700 * MiB, A, "sticky"))
-    snap = await p.poll_once()
-    assert not snap.scheduler_up and snap.poll_errors_total == 1
-    (w,) = snap.workers
-    assert (w.info.address, w.rss, w.memory.process) == (A, 700 * MiB, 700 * MiB)
-    assert p.next_delay() == 0.5  # no backoff for the local figures
-    assert local.seen is not None and set(local.seen) == {A}  # matched against the last view
-    snap = await p.poll_once()  # the scheduler is not retried before its backoff expires
-    assert snap.poll_errors_total == 1 and snap.polls_total == 3
-
-
-async def test_unreadable_process_table_falls_back_to_heartbeats() -> None:
-    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, A, "port")))
-    p = Poller(Scheduler(info(A)), MemoryModel(30), {}, _publish, local=local,
-               local_workers_only=True)  # fmt: skip
-    await p.poll_once()
-    local.reading = LocalReading(ok=False)
-    snap = await p.poll_once()
-    (w,) = snap.workers
-    assert w.rss is None and w.memory.process == 100 * MiB
-    assert {s.name: s.success for s in snap.sources}["local"] is False
-
-
-async def test_local_only_without_a_scheduler() -> None:
-    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, None, "", "w")))
-    p = Poller(None, MemoryModel(30), {}, _publish, local=local, local_workers_only=True)
-    snap = await p.poll_once()
-    assert [(w.info.name, w.rss) for w in snap.workers] == [("w", 400 * MiB)]
-    assert not snap.scheduler_up and [s.name for s in snap.sources] == ["local"]
-    assert p.next_delay() == 0.5
-
-
-async def test_hung_scheduler_does_not_hold_up_local_figures() -> None:
-    """A fetch that never returns is left running; each poll still publishes fresh RSS."""
-
-    class Hung(Scheduler):
-        async def fetch(self) -> SchedulerPoll:
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-
-    local = Local(reading(LocalProcess(21, 1.0, 400 * MiB, None, "", "w")))
-    p = Poller(Hung(), MemoryModel(30), {}, _publish, local=local, local_workers_only=True)
-    for rss in (400, 500):
-        local.reading = reading(LocalProcess(21, 1.0, rss * MiB, None, "", "w"))
-        started = time.monotonic()
-        snap = await p.poll_once()
-        assert time.monotonic() - started < 2.0
-        assert [w.rss for w in snap.workers] == [rss * MiB]
-    assert p._fetching is not None  # still waiting on the scheduler, only once
-    p._fetching.cancel()
