@@ -132,6 +132,7 @@ def _snapshot(ident: dict[str, Any], model: MemoryModel, thresholds: dict[str, f
     class Fixed:
         name = "scheduler"
         roster = True
+        reasons: tuple[str, ...] = ()
         families: tuple[Metric, ...] = ()
 
         async def fetch(self, workers: Any) -> SourceResult:

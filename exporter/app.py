@@ -87,6 +87,7 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
         local_workers_only=settings.mode == "local",
         min_interval=settings.poll_interval,
         max_backoff=settings.max_backoff,
+        stale_after=settings.stale_after,
     )
 
 

@@ -49,6 +49,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     add("--poll-interval", help="minimum time between polls, e.g. 5s (default: heartbeat interval)")
     add("--timeout", help="time allowed for one poll (default: 10s)")
     add("--max-backoff", help="longest retry wait while the scheduler is down (default: 30s)")
+    add("--stale-after", help="serve the last workers this long after the scheduler is lost")
     add("--recent-to-old-time", help="window of unmanaged recent memory (default: Dask's, 30s)")
     for t in ("target", "spill", "pause", "terminate"):
         add(f"--{t}", type=float, help=f"{t} threshold as a fraction (default: Dask's config)")

@@ -181,7 +181,8 @@ class SnapshotCollector(Collector):
         for s in snap.sources:
             success.add_metric([s.name], 1.0 if s.success else 0.0)
             duration.add_metric([s.name], s.duration)
-            errors.add_metric([s.name], s.errors_total)
+            for reason, count in s.errors:
+                errors.add_metric([s.name, reason], count)
         yield success
         yield duration
         yield errors

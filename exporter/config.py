@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     max_backoff: float = Field(
         default=30.0, gt=0, description="Longest wait between retries while the scheduler is down"
     )
+    stale_after: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long the last workers heard of are served after the scheduler was "
+        "lost; then their series go (default: five heartbeat intervals, at least 10 s)",
+    )
     recent_to_old_time: float = Field(
         default_factory=lambda: float(parse_timedelta(_dask_memory("recent-to-old-time"))),
         gt=0,
@@ -96,7 +102,14 @@ class Settings(BaseSettings):
     tls_cert: str | None = None
     tls_key: str | None = None
 
-    @field_validator("poll_interval", "timeout", "max_backoff", "recent_to_old_time", mode="before")
+    @field_validator(
+        "poll_interval",
+        "timeout",
+        "max_backoff",
+        "stale_after",
+        "recent_to_old_time",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, v: object) -> object:
         """Accept Dask-style durations such as ``30s`` or ``500ms`` as well as numbers."""

@@ -25,6 +25,8 @@ LABEL_WORKER_NAME: Final = "worker_name"
 """The worker's name as given to Dask (stable across restarts in dask-kubernetes)."""
 LABEL_THRESHOLD: Final = "threshold"
 LABEL_SOURCE: Final = "source"
+LABEL_REASON: Final = "reason"
+"""Why a source's fetch failed: a bounded set per source (refused, dns, timeout, tls …)."""
 WORKER_LABELS: Final = (LABEL_WORKER, LABEL_WORKER_NAME)
 
 _UNITS = ("bytes", "seconds", "ratio", "")
@@ -193,7 +195,8 @@ EXPORTER_SOURCE_DURATION_SECONDS: Final = Metric(
 )  # fmt: skip
 EXPORTER_SOURCE_ERRORS_TOTAL: Final = Metric(
     "dask_memory_exporter_source_errors_total", "counter",
-    "Failed fetches of the source since the exporter started.", labels=(LABEL_SOURCE,),
+    "Failed fetches of the source since the exporter started, by cause.",
+    labels=(LABEL_SOURCE, LABEL_REASON),
 )  # fmt: skip
 EXPORTER_LOCAL_UNREADABLE_PROCESSES: Final = Metric(
     "dask_memory_exporter_local_unreadable_processes", "gauge",

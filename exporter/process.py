@@ -50,7 +50,7 @@ import psutil
 from dask.utils import parse_bytes
 
 from .names import EXPORTER_LOCAL_UNREADABLE_PROCESSES, SOURCE_LOCAL, Metric
-from .source import LocalOnlyProcess, SourceResult, WorkerInfo
+from .source import LocalOnlyProcess, SourceError, SourceResult, WorkerInfo
 
 __all__ = [
     "LocalProcess",
@@ -74,6 +74,8 @@ Listening = frozenset[tuple[str, int]]
 _CMDLINE_SETTLE_SECONDS = 2.0
 _MP_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.semaphore_tracker")
 _MP_FORKSERVER = "multiprocessing.forkserver"
+REASON_UNREADABLE = "unreadable"
+"""The source's one failure: the process table could not be read at all."""
 
 
 # --- the `dask worker` command line --------------------------------------------------------
@@ -427,6 +429,7 @@ class LocalProcessSource:
     name = SOURCE_LOCAL
     roster = False
     families: tuple[Metric, ...] = ()
+    reasons: tuple[str, ...] = (REASON_UNREADABLE,)
 
     def __init__(
         self,
@@ -656,7 +659,7 @@ def source_result(reading: LocalReading) -> SourceResult:
     """What a read of the process table contributes: direct RSS by worker address, the
     processes the scheduler has not reported, and how many could not be read."""
     if not reading.ok:
-        return SourceResult(ok=False)
+        raise SourceError(REASON_UNREADABLE, "the process table is unreadable")
     rss = {a: p.rss for a, p in reading.matched.items() if p.rss is not None}
     return SourceResult(
         rss=rss,

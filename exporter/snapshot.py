@@ -26,7 +26,15 @@ from distributed.scheduler import heartbeat_interval
 
 from .memory import MemoryBreakdown, MemoryModel
 from .names import Metric
-from .source import LocalOnlyProcess, Source, SourceResult, WorkerInfo
+from .source import (
+    REASON_OTHER,
+    REASON_TIMEOUT,
+    LocalOnlyProcess,
+    Source,
+    SourceError,
+    SourceResult,
+    WorkerInfo,
+)
 
 __all__ = ["Poller", "Snapshot", "SourceStatus", "WorkerSnapshot"]
 
@@ -48,12 +56,17 @@ class WorkerSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class SourceStatus:
-    """node_exporter-style result of a source's last completed fetch."""
+    """node_exporter-style result of a source's last completed fetch, and its error counts."""
 
     name: str
     success: bool
     duration: float
-    errors_total: int = 0
+    errors: tuple[tuple[str, int], ...] = ()
+    """(reason, failed fetches since start) for every reason the source can report."""
+
+    @property
+    def errors_total(self) -> int:
+        return sum(c for _, c in self.errors)
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,9 @@ class _Runner:
         self.status: SourceStatus | None = None
         self.last: SourceResult | None = None
         """The last successful result: its figures stand while the source is down."""
-        self.errors_total = 0
+        self.last_success = -float("inf")  # monotonic
+        reasons = (*source.reasons, REASON_TIMEOUT, REASON_OTHER)
+        self.errors: dict[str, int] = dict.fromkeys(reasons, 0)
 
     async def step(self, workers: Mapping[str, WorkerInfo], wait: float | None) -> bool:
         """Start a fetch unless one is in flight or backing off; wait up to ``wait`` seconds.
@@ -119,21 +134,27 @@ class _Runner:
         duration = time.perf_counter() - self.started
         name = self.source.name
         error = task.exception()
-        result = task.result() if error is None else None
-        if result is not None and result.ok:
+        if error is None:
             if self.failures:
                 logger.info("source %s works again after %d failures", name, self.failures)
             self.failures = 0
-            self.last = result
+            self.last = task.result()
+            self.last_success = time.monotonic()
         else:
+            reason, why = classify(error)
+            if reason not in self.errors:  # a reason the source did not declare: bounded
+                reason = REASON_OTHER
             self.failures += 1
-            self.errors_total += 1
+            self.errors[reason] += 1
             self.retry_at = time.monotonic() + self.backoff()
+            # The first failure of a run of them is a warning, the rest are debug: an outage
+            # is reported once, not every heartbeat.
             level = logging.WARNING if self.failures == 1 else logging.DEBUG
-            why = describe(error) if error is not None else "no usable data"
-            logger.log(level, "source %s failed: %s", name, why)
-        success = result is not None and result.ok
-        self.status = SourceStatus(name, success, duration, self.errors_total)
+            logger.log(level, "source %s failed (%s): %s", name, reason, why)
+            if reason == REASON_OTHER:
+                logger.debug("source %s failure", name, exc_info=error)
+        errors = tuple(self.errors.items())
+        self.status = SourceStatus(name, error is None, duration, errors)
 
     def backoff(self) -> float:
         base = min(self.max_backoff, 0.5 * 2.0 ** min(self.failures, 16))
@@ -166,10 +187,12 @@ class Poller:
         local_workers_only: bool = False,
         min_interval: float = 0.0,
         max_backoff: float = 30.0,
+        stale_after: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``local_workers_only`` (mode ``local``) exports only the roster's workers that a
-        source read the RSS of (the processes beside the exporter)."""
+        source read the RSS of (the processes beside the exporter). ``stale_after``: how long
+        the roster's last workers are served after it was lost (None: :meth:`stale_limit`)."""
         if not sources:
             raise ValueError("the Poller needs at least one source")
         rosters = [s for s in sources if s.roster]
@@ -181,6 +204,7 @@ class Poller:
         self.model = model
         self.publish = publish
         self.min_interval = min_interval
+        self.stale_after = stale_after
         self.clock = clock
         families = tuple(f for s in sources for f in s.families)
         self.snapshot = Snapshot(
@@ -205,7 +229,12 @@ class Poller:
             completed = await self.roster.step(_known(prev), wait)
             fresh = completed and self.roster.status is not None and self.roster.status.success
         roster = self.roster.last if self.roster is not None else None
-        infos = dict(roster.workers or {}) if fresh and roster is not None else _known(prev)
+        if fresh and roster is not None:
+            infos = dict(roster.workers or {})
+        elif self.roster is not None and self._stale():
+            infos = {}  # the last workers heard of are too old to present as current
+        else:
+            infos = _known(prev)
         if self.others:
             await asyncio.gather(*(r.step(infos, self.next_delay()) for r in self.others))
         snap = self._build(prev, infos, fresh, start)
@@ -258,6 +287,18 @@ class Poller:
             skipped_workers=skipped,
         )
 
+    def stale_limit(self) -> float:
+        """Seconds the last workers are served after the roster was lost: ``stale_after``,
+        or by default five heartbeat intervals and at least 10 s."""
+        if self.stale_after is not None:
+            return self.stale_after
+        n = self.snapshot.scheduler_workers or 0
+        return max(10.0, 5 * float(heartbeat_interval(n)))
+
+    def _stale(self) -> bool:
+        assert self.roster is not None
+        return time.monotonic() - self.roster.last_success > self.stale_limit()
+
     def next_delay(self) -> float:
         """Seconds to wait before the next poll: the heartbeat interval, or while every
         source is backing off, until the first of them may be retried."""
@@ -292,9 +333,11 @@ def _known(snapshot: Snapshot) -> dict[str, WorkerInfo]:
     return {w.info.address: w.info for w in snapshot.workers}
 
 
-def describe(e: BaseException) -> str:
-    """One line naming a fetch's failure."""
-    text = str(e).splitlines()[0] if str(e) else ""
+def classify(e: BaseException) -> tuple[str, str]:
+    """A fetch's failure as (reason, one line)."""
+    if isinstance(e, SourceError):
+        return e.reason, str(e)
     if isinstance(e, asyncio.TimeoutError):
-        return "timed out"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+        return REASON_TIMEOUT, "timed out"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return REASON_OTHER, f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -21,7 +21,30 @@ from typing import Protocol
 from .memory import WorkerReading
 from .names import Metric
 
-__all__ = ["LocalOnlyProcess", "Source", "SourceResult", "WorkerInfo"]
+__all__ = [
+    "REASON_OTHER",
+    "REASON_TIMEOUT",
+    "LocalOnlyProcess",
+    "Source",
+    "SourceError",
+    "SourceResult",
+    "WorkerInfo",
+]
+
+REASON_TIMEOUT = "timeout"
+"""A fetch that did not finish within its time (``asyncio.TimeoutError``)."""
+REASON_OTHER = "other"
+"""A failure the source did not classify (a bug, most likely: it is logged)."""
+
+
+class SourceError(Exception):
+    """A failed fetch with its cause: ``reason`` is one of the source's ``reasons``, the
+    ``reason`` label of ``dask_memory_exporter_source_errors_total``; the message says the
+    rest in one line."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +98,6 @@ class SourceResult:
     """Per worker address, the values of the source's own per-worker families."""
     gauges: Mapping[Metric, float] = field(default_factory=dict)
     """The source's own unlabelled self-metrics (e.g. processes it could not read)."""
-    ok: bool = True
-    """False when the fetch returned but failed its purpose (e.g. the process table was
-    unreadable): counted as an error, and the source's figures are not used."""
 
 
 class Source(Protocol):
@@ -89,9 +109,13 @@ class Source(Protocol):
     """True for the one source that says which workers exist (the scheduler)."""
     families: tuple[Metric, ...]
     """The per-worker families whose values this source puts in ``SourceResult.values``."""
+    reasons: tuple[str, ...]
+    """The ``SourceError.reason`` values it raises (a bounded set: each is a series, exported
+    from the start at 0, beside ``timeout`` and ``other``)."""
 
     async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
-        """One fetch. ``workers`` is the roster as last heard of. Raise on failure."""
+        """One fetch. ``workers`` is the roster as last heard of. Raise on failure,
+        preferably a SourceError naming the cause."""
         ...
 
     async def close(self) -> None:

@@ -98,7 +98,26 @@ async def test_hung_scheduler_never_blocks_metrics() -> None:
                 what="the poll to time out",
             )
             assert scalar(s, n.SCHEDULER_UP) == 0
+            assert source_errors(s, reason="timeout") == source_errors(s) >= 1
             assert (await ex.get("/readyz"))[0] == 503
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [("tcp://127.0.0.1:{port}", "refused"), ("tcp://no-such-host.invalid:8786", "dns")],
+)
+async def test_an_unreachable_scheduler_is_reported_at_once_with_its_cause(
+    address: str, reason: str
+) -> None:
+    """A refused connection or an unresolvable name is down at the first poll, well within
+    the 10 s timeout that distributed's own connect would retry for."""
+    address = address.format(port=free_port())
+    started = time.monotonic()
+    async with serve_exporter(scheduler=address, timeout=10.0) as ex:
+        s = await ex.wait_for(lambda s: source_errors(s) >= 1, timeout=5, what="an error")
+        assert time.monotonic() - started < 5
+        assert scalar(s, n.SCHEDULER_UP) == 0
+        assert source_errors(s, reason=reason) == source_errors(s)
 
 
 @pytest.fixture

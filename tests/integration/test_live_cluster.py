@@ -211,6 +211,7 @@ async def test_malformed_worker_entry_hides_no_other(live: Live) -> None:
     class Corrupting:
         name = "scheduler"
         roster = True
+        reasons: tuple[str, ...] = ()
         families = ()
 
         async def fetch(self, workers: Any) -> SourceResult:

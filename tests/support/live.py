@@ -49,9 +49,15 @@ def scalar(samples: Samples, metric: str) -> float | None:
     return samples.get((metric, ()))
 
 
-def source_errors(samples: Samples, source: str = "scheduler") -> float:
-    """``dask_memory_exporter_source_errors_total`` of one source (0 before it is reported)."""
-    return samples.get((EXPORTER_SOURCE_ERRORS_TOTAL, (("source", source),)), 0.0)
+def source_errors(samples: Samples, source: str = "scheduler", reason: str | None = None) -> float:
+    """``dask_memory_exporter_source_errors_total`` of one source, all reasons or one."""
+    return sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == EXPORTER_SOURCE_ERRORS_TOTAL
+        and dict(labels).get("source") == source
+        and reason in (None, dict(labels).get("reason"))
+    )
 
 
 class Exporter:

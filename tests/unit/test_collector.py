@@ -77,7 +77,10 @@ def snapshot(
         scheduler_up=up,
         scheduler_workers=len(workers),
         polled=True,
-        sources=(SourceStatus("scheduler", up, 0.002, 1), SourceStatus("local", True, 0.001)),
+        sources=(
+            SourceStatus("scheduler", up, 0.002, (("refused", 1), ("timeout", 0))),
+            SourceStatus("local", True, 0.001, (("unreadable", 0),)),
+        ),
         source_gauges={n.EXPORTER_LOCAL_UNREADABLE_PROCESSES: 2},
         poll_duration=0.002,
         last_success=1002.5,
@@ -114,8 +117,10 @@ def test_worker_series_and_values() -> None:
     assert value(text, n.WORKER_PAUSED, **no_limit) == 0
     assert n.WORKER_RSS_BYTES not in text  # only in local mode
     assert value(text, n.SCHEDULER_UP) == 1
-    assert value(text, n.EXPORTER_SOURCE_ERRORS_TOTAL, source="scheduler") == 1
-    assert value(text, n.EXPORTER_SOURCE_ERRORS_TOTAL, source="local") == 0
+    errors = n.EXPORTER_SOURCE_ERRORS_TOTAL
+    assert value(text, errors, source="scheduler", reason="refused") == 1
+    assert value(text, errors, source="scheduler", reason="timeout") == 0
+    assert value(text, errors, source="local", reason="unreadable") == 0
     assert value(text, n.EXPORTER_LOCAL_UNREADABLE_PROCESSES) == 2
 
 

@@ -21,7 +21,7 @@ from dask_memory_exporter.memory import MemoryModel, WorkerReading
 from dask_memory_exporter.names import Metric, worker_gauge
 from dask_memory_exporter.process import LocalProcess, LocalReading, source_result
 from dask_memory_exporter.snapshot import Poller, Snapshot
-from dask_memory_exporter.source import SourceResult, WorkerInfo
+from dask_memory_exporter.source import SourceError, SourceResult, WorkerInfo
 from tests.support.live import parse
 
 MiB = 2**20
@@ -49,6 +49,7 @@ class Scheduler:
     name = n.SOURCE_SCHEDULER
     roster = True
     families: tuple[Metric, ...] = (TASKS,)
+    reasons = ("refused",)
 
     def __init__(self, *ws: WorkerInfo, skipped: int = 0) -> None:
         self.workers = {w.address: w for w in ws}
@@ -62,7 +63,7 @@ class Scheduler:
         if self.hang:
             await asyncio.Event().wait()
         if self.fail:
-            raise OSError("connection refused")
+            raise SourceError("refused", "connection refused")
         values = {a: {TASKS: float(i + 1)} for i, a in enumerate(self.workers)}
         return SourceResult(workers=self.workers, skipped=self.skipped, values=values)
 
@@ -76,6 +77,7 @@ class Local:
     name = n.SOURCE_LOCAL
     roster = False
     families: tuple[Metric, ...] = ()
+    reasons = ("unreadable",)
 
     def __init__(self, *procs: LocalProcess, ok: bool = True, denied: int = 0) -> None:
         self.reading = LocalReading(tuple(procs), ok=ok, denied=denied)
@@ -259,3 +261,46 @@ async def test_plugin_family_values_reach_the_exposition() -> None:
 def test_two_roster_sources_are_refused() -> None:
     with pytest.raises(ValueError, match="roster"):
         poller(Scheduler(), Scheduler())
+
+
+# --- errors by cause, and stale workers ---------------------------------------------------------
+async def test_errors_are_counted_by_declared_reason() -> None:
+    class Odd(Scheduler):
+        exc: BaseException = SourceError("refused", "x")
+
+        async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
+            raise self.exc
+
+    src = Odd()
+    p = poller(src)
+    for exc in (SourceError("refused", "r"), asyncio.TimeoutError(), KeyError("bug"),
+                SourceError("undeclared", "u")):  # fmt: skip
+        src.exc = exc
+        p.roster.retry_at = 0  # type: ignore[union-attr]
+        snap = await p.poll_once()
+    (s,) = snap.sources
+    assert dict(s.errors) == {"refused": 1, "timeout": 1, "other": 2}
+
+
+async def test_workers_are_dropped_once_the_roster_is_stale() -> None:
+    """Within stale_after the last workers stand (flagged by scheduler_up 0); after it they
+    go, and the processes beside the exporter fall back to RSS-only series."""
+    sched = Scheduler(info(A))
+    local = Local(proc(21, 400 * MiB, A, name="w"))
+    p = poller(sched, local, stale_after=0.3)
+    await p.poll_once()
+    sched.fail = True
+    snap = await p.poll_once()
+    assert not snap.scheduler_up and [w.info.address for w in snap.workers] == [A]
+    await asyncio.sleep(0.35)
+    local.set(proc(21, 400 * MiB, None, name="w"))  # unmatched against an empty roster
+    snap = await p.poll_once()
+    assert snap.workers == () and [q.name for q in snap.local_only] == ["w"]
+    assert local.seen == {}
+
+
+def test_default_stale_limit_is_five_heartbeats_and_at_least_10s() -> None:
+    p = poller(Scheduler())
+    assert p.stale_limit() == 10
+    p.snapshot = Snapshot(time=0, scheduler_workers=1000)
+    assert p.stale_limit() == 30  # 5 x 6 s
