@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import dask.config
@@ -215,6 +216,19 @@ def test_demo_and_generate_help_show_defaults(
     helps = _help_lines(["generate", "--help"], capsys)
     for generator in GENERATORS.values():
         assert str(generator.default_dir) in helps["--output-dir"]
+
+
+def test_readme_options_table_lists_every_option(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's table is prose: it must name every ``serve`` option, and only those."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("| option | environment | default | meaning |", 1)[1].split("\n\n")[0]
+    documented = set(re.findall(r"`(--[\w-]+)`", table))
+    monkeypatch.setenv("COLUMNS", "1000")
+    options = set(_help_lines(["serve", "--help"], capsys)) - {"--help"}
+    options |= {"--no-process-metrics"}
+    assert documented == options
 
 
 def test_demo_options_parse_to_their_defaults() -> None:
