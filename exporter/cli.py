@@ -264,9 +264,9 @@ async def wait_for_signal() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-memory-exporter`` command."""
-    parser = build_parser()
     debug = False
     try:
+        parser = build_parser()  # shows defaults from Dask's config, which may be invalid
         args = parser.parse_args(argv)
         if args.version:
             from . import __version__

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -112,14 +112,19 @@ Threshold = Annotated[float | Literal[False], PlainValidator(_threshold), Metava
 """A memory-manager threshold: a fraction of the memory limit, or ``False`` (disabled)."""
 
 
-def _dask_memory(key: str) -> Any:
-    return dask.config.get(f"distributed.worker.memory.{key}")
+def _dask_memory(key: str, parse: Callable[[Any], Any]) -> Any:
+    """Dask's ``distributed.worker.memory.<key>``, parsed; a bad value is a ConfigError."""
+    name = f"distributed.worker.memory.{key}"
+    try:
+        return parse(dask.config.get(name))
+    except (ValueError, TypeError) as e:  # e.g. DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=abc
+        raise ConfigError(f"Dask config {name}: {e}") from None
 
 
 def _dask_threshold(name: str) -> Any:
     """Field whose default is Dask's ``distributed.worker.memory.<name>`` (which may be False)."""
     return Field(
-        default_factory=lambda: _threshold(_dask_memory(name)),
+        default_factory=lambda: _dask_memory(name, _threshold),
         description=f"{name} threshold as a fraction of the memory limit, or false (disabled); "
         "set it to the workers' value, which the scheduler does not know; "
         f"the default is Dask's distributed.worker.memory.{name}",
@@ -155,7 +160,7 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="longest wait between retries while the scheduler is down"
     )
     recent_to_old_time: Duration = Field(
-        default_factory=lambda: float(parse_timedelta(_dask_memory("recent-to-old-time"))),
+        default_factory=lambda: float(_dask_memory("recent-to-old-time", _seconds)),
         gt=0,
         description="time after which unmanaged memory counts as old; "
         "the default is Dask's distributed.worker.memory.recent-to-old-time",

@@ -268,6 +268,7 @@ def test_bad_input_is_one_line(overrides: dict[str, object], fragment: str) -> N
         (["serve", "--scheduler", "tcp://h:1", "--pause", "2"], {}),
         (["serve", "--scheduler", "tcp://h:1"], {"DASK_MEMORY_EXPORTER_PAUSE": "maybe"}),
         (["serve", "--scheduler", "tcp://h:1", "--mode", "all"], {}),
+        (["serve", "--scheduler", "tcp://h:1"], {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "abc"}),
         (["serve", "--bogus"], {}),
         (["demo", "--scenario", "boom"], {}),
         (["generate", "rules", "--set", "nope=1"], {}),
