@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from .config import ConfigError, Settings, load_settings
+from .config import LOG_LEVELS, ConfigError, Settings, add_settings_options, load_settings
 from .mixin import MixinConfig
 
 __all__ = ["main"]
@@ -40,31 +41,90 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _serve_options(p: argparse.ArgumentParser) -> None:
-    """Options of ``serve``; each also comes from DASK_MEMORY_EXPORTER_<NAME>."""
-    add = p.add_argument
-    add("--scheduler", help="scheduler address (default: $DASK_SCHEDULER_ADDRESS)")
-    add("--listen", help="HTTP listen address HOST:PORT (default: 0.0.0.0:9787)")
-    add("--mode", choices=["scheduler", "local", "both"], help="data sources (default: scheduler)")
-    add("--poll-interval", help="minimum time between polls, e.g. 5s (default: heartbeat interval)")
-    add("--timeout", help="time allowed for one poll (default: 10s)")
-    add("--max-backoff", help="longest retry wait while the scheduler is down (default: 30s)")
-    add("--stale-after", help="serve the last workers this long after the scheduler is lost")
-    add("--recent-to-old-time", help="window of unmanaged recent memory (default: Dask's, 30s)")
-    for t in ("target", "spill", "pause", "terminate"):
-        add(f"--{t}", type=float, help=f"{t} threshold as a fraction (default: Dask's config)")
-    add("--proc-root", help="procfs root for local mode (default: /proc)")
-    add(
-        "--no-process-metrics",
-        dest="process_metrics",
-        action="store_const",
-        const=False,
-        help="do not export the exporter's own process_* metrics",
-    )
-    add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
-    add("--tls-ca-file", help="CA certificate for a tls:// scheduler")
-    add("--tls-cert", help="client certificate for a tls:// scheduler")
-    add("--tls-key", help="client key for a tls:// scheduler")
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of ``demo`` or ``generate``; ``--help`` shows its default."""
+
+    name: str
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    action: str | None = None
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        shown = "" if self.default is None else f" (default: {self.default})"
+        extra: dict[str, Any] = {
+            k: v for k, v in (("type", self.type), ("action", self.action)) if v
+        }
+        parser.add_argument(
+            f"--{self.name}",
+            default=self.default,
+            choices=self.choices,
+            metavar=self.metavar,
+            help=self.help + shown,
+            **extra,
+        )
+
+
+DEMO_OPTIONS = (
+    Option("listen", "exporter listen address HOST:PORT", "127.0.0.1:9787"),
+    Option(
+        "scenario",
+        "which workload to run: all three workers, or one of them",
+        "all",
+        choices=("all", "leak", "spill", "idle"),
+    ),
+    Option("memory-limit", "memory limit per worker", "400MiB"),
+    Option("leak-rate", "bytes the leak worker leaks per second", "4MiB"),
+    Option("duration", "stop after this many seconds (default: run until Ctrl-C)", type=float),
+    Option("log-level", "logging level", "INFO", type=str.upper, choices=LOG_LEVELS),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """What ``generate <what>`` writes and where it writes it by default."""
+
+    help: str
+    module: str
+    function: str
+    default_dir: Path
+
+
+GENERATORS = {
+    "rules": Generator(
+        "alert and recording rules", "rules", "render_files", Path("deploy/prometheus")
+    ),
+    "dashboards": Generator(
+        "Grafana dashboards", "dashboards", "render_files", Path("grafana/dashboards")
+    ),
+    "provisioning": Generator(
+        "Grafana provisioning files",
+        "dashboards",
+        "render_provisioning",
+        Path("grafana/provisioning"),
+    ),
+}
+
+
+GENERATE_OPTIONS = (
+    Option(
+        "output-dir",
+        "directory to write the files into (default: "
+        + ", ".join(f"{g.default_dir} for {name}" for name, g in GENERATORS.items())
+        + ")",
+        type=Path,
+    ),
+    Option(
+        "set",
+        "override a mixin setting, repeatable; KEY is one of "
+        + ", ".join(f.name for f in dataclasses.fields(MixinConfig)),
+        metavar="KEY=VALUE",
+        action="append",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,35 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="poll a scheduler and serve /metrics")
-    _serve_options(serve)
+    serve = sub.add_parser(
+        "serve",
+        help="poll a scheduler and serve /metrics",
+        description="Poll a Dask scheduler and serve /metrics. Every option has an environment "
+        "twin; the command line wins over the environment, which wins over Dask's config.",
+    )
+    serve.set_defaults(settings_source=add_settings_options(serve))
 
     demo = sub.add_parser("demo", help="embedded demo: a LocalCluster with a scripted workload")
-    demo.add_argument("--listen", default="127.0.0.1:9787", help="exporter listen HOST:PORT")
-    demo.add_argument(
-        "--scenario",
-        choices=["all", "leak", "spill", "idle"],
-        default="all",
-        help="which workload to run (default: all three workers)",
-    )
-    demo.add_argument("--memory-limit", default="400MiB", help="memory limit per worker")
-    demo.add_argument("--leak-rate", default="4MiB", help="bytes leaked per second")
-    demo.add_argument("--duration", type=float, help="stop after this many seconds")
-    demo.add_argument("--log-level", default="INFO")
+    for option in DEMO_OPTIONS:
+        option.add_to(demo)
 
     gen = sub.add_parser(
         "generate",
         help="write alert rules, dashboards or Grafana provisioning files from the mixin config",
     )
-    gen.add_argument("what", choices=["rules", "dashboards", "provisioning"])
-    gen.add_argument("--output-dir", type=Path, help="directory to write the files into")
     gen.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a mixin setting ({', '.join(f.name for f in _mixin_fields())})",
+        "what",
+        choices=list(GENERATORS),
+        help="; ".join(f"{name}: {g.help}" for name, g in GENERATORS.items()),
     )
+    for option in GENERATE_OPTIONS:
+        option.add_to(gen)
     return parser
 
 
@@ -141,21 +195,11 @@ def _coerce(key: str, raw: str, hint: Any) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    config = mixin_config(args.set)
-    render: Callable[[MixinConfig], dict[str, str]]
-    if args.what == "rules":
-        from .rules import render_files as render_rules
-
-        render, default_dir = render_rules, Path("deploy/prometheus")
-    elif args.what == "dashboards":
-        from .dashboards import render_files as render_dashboards
-
-        render, default_dir = render_dashboards, Path("grafana/dashboards")
-    else:
-        from .dashboards import render_provisioning
-
-        render, default_dir = render_provisioning, Path("grafana/provisioning")
-    out: Path = args.output_dir or default_dir
+    config = mixin_config(args.set or ())
+    generator = GENERATORS[args.what]
+    module = importlib.import_module(f".{generator.module}", __package__)
+    render: Callable[[MixinConfig], dict[str, str]] = getattr(module, generator.function)
+    out: Path = args.output_dir or generator.default_dir
     try:
         files = render(config)
     except ValueError as e:  # a setting the generator rejects, e.g. a bad duration
@@ -178,9 +222,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    fields = Settings.model_fields
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return load_settings(overrides)
+    """Settings from ``serve``'s parsed options (pydantic-settings' CLI source), then env."""
+    return load_settings({}, cli=args.settings_source(parsed_args=args))
 
 
 async def _serve(settings: Settings) -> None:
@@ -221,9 +264,9 @@ async def wait_for_signal() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dask-memory-exporter`` command."""
-    parser = build_parser()
     debug = False
     try:
+        parser = build_parser()  # shows defaults from Dask's config, which may be invalid
         args = parser.parse_args(argv)
         if args.version:
             from . import __version__

@@ -8,26 +8,59 @@ the code deals in plain seconds and fractions.
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
-from typing import Any, Literal
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm.addressing import parse_address
 from distributed.comm.registry import backends
 from distributed.security import Security
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict, SettingsError
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_listen"]
+__all__ = [
+    "LOG_LEVELS",
+    "THRESHOLDS",
+    "ConfigError",
+    "Settings",
+    "add_settings_options",
+    "load_settings",
+    "parse_listen",
+    "shown_default",
+]
 
 ENV_PREFIX = "DASK_MEMORY_EXPORTER_"
 Mode = Literal["scheduler", "local", "both"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+THRESHOLDS = ("target", "spill", "pause", "terminate")
+"""The memory manager's thresholds, named as in ``distributed.worker.memory.<name>``."""
+
+_DISABLED = ("false", "off", "no")
 
 
 class ConfigError(ValueError):
     """An invalid option: reported as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Metavar:
+    """How a field's value is written in ``--help``; pydantic ignores this annotation."""
+
+    text: str
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -39,18 +72,67 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _dask_memory(key: str) -> Any:
-    return dask.config.get(f"distributed.worker.memory.{key}")
+def _seconds(v: object) -> object:
+    """Accept Dask-style durations such as ``30s`` or ``500ms`` as well as numbers."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+        try:
+            return parse_timedelta(v)
+        except (ValueError, KeyError):
+            raise ValueError(f"invalid duration {v!r}") from None
+    return v
 
 
-def _threshold_default(key: str) -> float:
-    """Dask's own setting; ``False`` (feature disabled) becomes 0 so the series is omitted."""
-    value = _dask_memory(key)
-    return float(value) if value else 0.0
+def _threshold(v: object) -> float | Literal[False]:
+    """A fraction of the memory limit, or ``False``: the feature is disabled, as in Dask.
+
+    ``0`` is accepted and also means disabled, because Dask tests thresholds for truth
+    (``if self.memory_pause_fraction and ...``): a worker configured with 0 never pauses.
+    """
+    if v is False or v is None or (isinstance(v, str) and v.strip().lower() in _DISABLED):
+        return False
+    if isinstance(v, bool):  # True has no meaning for a threshold
+        raise ValueError("expected a fraction between 0 and 1, or false")
+    try:
+        ratio = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a fraction between 0 and 1, or false; got {v!r}") from None
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"expected a fraction between 0 and 1, or false; got {v!r}")
+    return ratio if ratio > 0 else False
+
+
+Duration = Annotated[float, BeforeValidator(_seconds), Metavar("DURATION")]
+"""Seconds, as a number or a Dask duration string (``500ms``, ``2s``, ``1m``)."""
+
+Threshold = Annotated[float | Literal[False], PlainValidator(_threshold), Metavar("FRACTION|false")]
+"""A memory-manager threshold: a fraction of the memory limit, or ``False`` (disabled)."""
+
+
+def _dask_memory(key: str, parse: Callable[[Any], Any]) -> Any:
+    """Dask's ``distributed.worker.memory.<key>``, parsed; a bad value is a ConfigError."""
+    name = f"distributed.worker.memory.{key}"
+    try:
+        return parse(dask.config.get(name))
+    except (ValueError, TypeError) as e:  # e.g. DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=abc
+        raise ConfigError(f"Dask config {name}: {e}") from None
+
+
+def _dask_threshold(name: str) -> Any:
+    """Field whose default is Dask's ``distributed.worker.memory.<name>`` (which may be False)."""
+    return Field(
+        default_factory=lambda: _dask_memory(name, _threshold),
+        description=f"{name} threshold as a fraction of the memory limit, or false (disabled); "
+        "set it to the workers' value, which the scheduler does not know; "
+        f"the default is Dask's distributed.worker.memory.{name}",
+    )
 
 
 class Settings(BaseSettings):
-    """Validated, frozen exporter settings."""
+    """Validated, frozen exporter settings: one field per ``serve`` option and variable."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True
@@ -58,71 +140,55 @@ class Settings(BaseSettings):
 
     scheduler: str | None = Field(
         default=None,
-        description="Scheduler address, e.g. tcp://dask-scheduler:8786 "
-        "(default: $DASK_SCHEDULER_ADDRESS)",
+        description="scheduler address, e.g. tcp://dask-scheduler:8786; "
+        "falls back to $DASK_SCHEDULER_ADDRESS (set by the dask-kubernetes operator)",
     )
     listen: str = Field(default="0.0.0.0:9787", description="HTTP listen address HOST:PORT")
     mode: Mode = Field(
         default="scheduler",
-        description="scheduler: whole cluster from the scheduler; local: only worker processes "
-        "beside the exporter (sidecar); both",
+        description="scheduler: the whole cluster from the scheduler; local: only the worker "
+        "processes beside the exporter (sidecar), RSS from the OS; both",
     )
-    poll_interval: float = Field(
+    poll_interval: Duration = Field(
         default=0.0,
         ge=0,
-        description="Minimum seconds between polls; never faster than the scheduler's heartbeat "
+        description="minimum time between polls; never faster than the scheduler's heartbeat "
         "interval for the cluster's size (0: follow the heartbeat)",
     )
-    timeout: float = Field(default=10.0, gt=0, description="Seconds allowed for one poll")
-    max_backoff: float = Field(
-        default=30.0, gt=0, description="Longest wait between retries while the scheduler is down"
+    timeout: Duration = Field(default=10.0, gt=0, description="time allowed for one poll")
+    max_backoff: Duration = Field(
+        default=30.0, gt=0, description="longest wait between retries while the scheduler is down"
     )
-    stale_after: float | None = Field(
+    stale_after: Annotated[Duration | None, Metavar("DURATION")] = Field(
         default=None,
         gt=0,
-        description="How long the last workers heard of are served after the scheduler was "
-        "lost; then their series go (default: five heartbeat intervals, at least 10 s)",
+        description="how long the last workers heard of are served after the scheduler was "
+        "lost, then their series go; unset: five heartbeat intervals, at least 10 s",
     )
-    recent_to_old_time: float = Field(
-        default_factory=lambda: float(parse_timedelta(_dask_memory("recent-to-old-time"))),
+    recent_to_old_time: Duration = Field(
+        default_factory=lambda: float(_dask_memory("recent-to-old-time", _seconds)),
         gt=0,
-        description="Seconds before unmanaged memory counts as old "
-        "(distributed.worker.memory.recent-to-old-time)",
+        description="time after which unmanaged memory counts as old; "
+        "the default is Dask's distributed.worker.memory.recent-to-old-time",
     )
-    target: float = Field(default_factory=lambda: _threshold_default("target"), ge=0, le=1)
-    spill: float = Field(default_factory=lambda: _threshold_default("spill"), ge=0, le=1)
-    pause: float = Field(default_factory=lambda: _threshold_default("pause"), ge=0, le=1)
-    terminate: float = Field(default_factory=lambda: _threshold_default("terminate"), ge=0, le=1)
-    proc_root: str = Field(default="/proc", description="procfs root (local mode)")
+    target: Threshold = _dask_threshold("target")
+    spill: Threshold = _dask_threshold("spill")
+    pause: Threshold = _dask_threshold("pause")
+    terminate: Threshold = _dask_threshold("terminate")
+    proc_root: str = Field(
+        default="/proc", description="procfs root the local mode reads worker processes from"
+    )
     process_metrics: bool = Field(
-        default=True, description="Export the exporter's own process_* metrics"
+        default=True, description="export the exporter's own process_* metrics"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-    @field_validator(
-        "poll_interval",
-        "timeout",
-        "max_backoff",
-        "stale_after",
-        "recent_to_old_time",
-        mode="before",
+    log_level: LogLevel = Field(default="INFO", description="logging level (case-insensitive)")
+    tls_ca_file: str | None = Field(
+        default=None, description="CA certificate for a tls:// scheduler"
     )
-    @classmethod
-    def _seconds(cls, v: object) -> object:
-        """Accept Dask-style durations such as ``30s`` or ``500ms`` as well as numbers."""
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                pass
-            try:
-                return parse_timedelta(v)
-            except (ValueError, KeyError):
-                raise ValueError(f"invalid duration {v!r}") from None
-        return v
+    tls_cert: str | None = Field(
+        default=None, description="client certificate for a tls:// scheduler"
+    )
+    tls_key: str | None = Field(default=None, description="client key for a tls:// scheduler")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -169,13 +235,10 @@ class Settings(BaseSettings):
     @property
     def thresholds(self) -> dict[str, float]:
         """Memory-manager thresholds as fractions of the limit; disabled ones omitted."""
-        pairs = {
-            "target": self.target,
-            "spill": self.spill,
-            "pause": self.pause,
-            "terminate": self.terminate,
+        pairs: dict[str, float | Literal[False]] = {
+            name: getattr(self, name) for name in THRESHOLDS
         }
-        return {k: v for k, v in pairs.items() if v > 0}
+        return {name: ratio for name, ratio in pairs.items() if ratio is not False}
 
     def security(self) -> Security:
         """Dask ``Security``: TLS options if given, else Dask's own configuration."""
@@ -189,25 +252,87 @@ class Settings(BaseSettings):
         return Security()
 
 
-def load_settings(
-    overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Build Settings from CLI overrides and the environment; raise ConfigError on bad input.
+def add_settings_options(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
+    """Add one ``--kebab-name`` option per Settings field to ``parser`` (``serve``'s).
 
-    ``overrides`` holds only the options given on the command line (None values dropped).
-    The scheduler address falls back to ``DASK_SCHEDULER_ADDRESS``, which the dask-kubernetes
-    operator sets in every container of a cluster.
+    pydantic-settings derives each option from its field: the name, the choices of a Literal,
+    ``--x/--no-x`` for a boolean, the help from the description and the environment twin.
+    ``_add_option`` replaces its default note with the value the model computes now, so
+    Dask-derived defaults (thresholds, recent-to-old-time) show their actual values.
+    Parse with the parser, then pass ``source(parsed_args=namespace)`` to load_settings.
+    """
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        add_argument_method=_add_option,
+    )
+
+
+_DEFAULT_NOTE = re.compile(r"\(default(?: factory)?: [^)]*\)")
+
+
+def _add_option(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> argparse.Action:
+    field = Settings.model_fields.get(kwargs.get("dest", ""))
+    if field is not None:
+        note = f"(default: {shown_default(field)})".replace("%", "%%")
+        kwargs["help"] = _DEFAULT_NOTE.sub(lambda _: note, kwargs.get("help", ""), count=1)
+        if "metavar" in kwargs and not _is_choice(field):  # a type name such as {str,null}
+            kwargs["metavar"] = _metavar(field) or kwargs["dest"].upper()
+    return parser.add_argument(*names, **kwargs)
+
+
+def _is_choice(field: FieldInfo) -> bool:
+    """A Literal field: the library's ``{a,b,c}`` metavar lists its choices."""
+    return get_origin(field.annotation) is Literal
+
+
+def _metavar(field: FieldInfo) -> str | None:
+    return next((m.text for m in field.metadata if isinstance(m, Metavar)), None)
+
+
+def shown_default(field: FieldInfo) -> str:
+    """A field's default as ``--help`` shows it: the model's value, Dask's config included."""
+    value = field.get_default(call_default_factory=True, validated_data={})
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if _metavar(field) == "DURATION":
+        return f"{value:g}s"
+    return str(value)
+
+
+def load_settings(
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    *,
+    cli: CliSettingsSource[Settings] | None = None,
+) -> Settings:
+    """Build Settings from the command line and the environment; ConfigError on bad input.
+
+    ``cli`` is the source add_settings_options returned, loaded with the parsed arguments;
+    ``overrides`` are explicit values (tests, the demo), below the command line and above the
+    environment. The scheduler address falls back to ``DASK_SCHEDULER_ADDRESS``, which the
+    dask-kubernetes operator sets in every container of a cluster.
     """
     env = os.environ if environ is None else environ
     values = {k: v for k, v in overrides.items() if v is not None}
     if "scheduler" not in values and not env.get(ENV_PREFIX + "SCHEDULER"):
         fallback = env.get("DASK_SCHEDULER_ADDRESS")
         if fallback:
-            values["scheduler"] = fallback
+            values["scheduler"] = fallback  # below --scheduler: the CLI source comes first
     try:
-        return Settings(**values)
+        if cli is None:
+            return Settings(**values)
+        # BaseSettings' own keyword, unknown to mypy's view of the model's fields
+        return Settings(_cli_settings_source=cli, **values)  # type: ignore[call-arg]
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
+    except SettingsError as e:  # a value the environment or CLI source cannot decode
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def _one_line(e: ValidationError) -> str:
