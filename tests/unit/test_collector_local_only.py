@@ -8,7 +8,7 @@ from tests.support.live import parse
 
 class Local:
     def read(self, workers=None):
-        return LocalReading((LocalProcess(21, 1.0, 400 * 2**20, None, "", "w"),))
+        return LocalReading((LocalProcess(21, 1.0, 400 * 2**20, None, "w"),))
 
 
 async def _publish(s: Snapshot) -> None:
