@@ -121,6 +121,15 @@ class _Cache:
     listening: dict[ProcKey, tuple[float, Listening | None]] = field(default_factory=dict)
 
 
+def _process(key: ProcKey) -> psutil.Process:
+    """The process seen in the scan; NoSuchProcess if its pid now belongs to another one."""
+    pid, start = key
+    proc = psutil.Process(pid)
+    if proc.create_time() != start:
+        raise psutil.NoSuchProcess(pid, msg="pid reused since the scan")
+    return proc
+
+
 def _local_hosts() -> frozenset[str] | None:
     try:
         addrs = psutil.net_if_addrs()
@@ -212,7 +221,7 @@ class LocalProcessSource:
             pid, start = key
             rss: int | None
             try:
-                rss = self._rss(psutil.Process(pid))
+                rss = self._rss(_process(key))
             except psutil.NoSuchProcess:
                 continue  # gone since the scan: skipped, no traceback
             except psutil.AccessDenied:
@@ -349,7 +358,7 @@ class LocalProcessSource:
         if cached is not None and (cached[1] is None or cached[0] >= newest_worker):
             return cached[1]  # denied stays denied; otherwise fresh enough
         try:
-            value: Listening | None = self._listening(psutil.Process(key[0]))
+            value: Listening | None = self._listening(_process(key))
         except psutil.NoSuchProcess:
             return None
         except psutil.AccessDenied:
