@@ -27,7 +27,7 @@ from .collector import (
 from .config import Settings
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
-from .process import LocalProcessSource
+from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 from .source import Source
@@ -78,6 +78,7 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     if settings.scheduler:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
+        use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
         sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
     return Poller(
         sources,

@@ -24,7 +24,7 @@ spilled
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = ["MemoryBreakdown", "MemoryModel", "UnmanagedHistory", "WorkerReading"]
@@ -60,17 +60,6 @@ class MemoryBreakdown:
     def unmanaged_recent(self) -> int:
         """Unmanaged memory that appeared within the recent-to-old window."""
         return self.process - self.managed - self.unmanaged_old
-
-    @staticmethod
-    def sum(parts: Iterable[MemoryBreakdown]) -> MemoryBreakdown:
-        """Cluster total of several workers."""
-        process = managed = old = spilled = 0
-        for p in parts:
-            process += p.process
-            managed += p.managed
-            old += p.unmanaged_old
-            spilled += p.spilled
-        return MemoryBreakdown(process=process, managed=managed, unmanaged_old=old, spilled=spilled)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MemoryBreakdown):

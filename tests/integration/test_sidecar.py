@@ -27,7 +27,7 @@ from distributed import Client, LocalCluster
 from benchmarks.blocked_event_loop import hold_gil_and_grow
 from dask_memory_exporter import names as n
 from dask_memory_exporter.demo import leak_step, start_cluster, wait_for_workers
-from dask_memory_exporter.process import LocalProcessSource
+from dask_memory_exporter.process import LocalProcessSource, use_proc_root
 from dask_memory_exporter.scheduler import decode_identity
 from tests.support.live import Samples, free_port, scalar, serve_exporter
 
@@ -347,6 +347,7 @@ async def test_permission_denied_warns_once_and_falls_back(
 
     caplog.clear()
     monkeypatch.setattr(psutil, "PROCFS_PATH", psutil.PROCFS_PATH)  # restored afterwards
+    use_proc_root("/nonexistent/proc")
     source = LocalProcessSource("/nonexistent/proc")
     with caplog.at_level(logging.INFO, logger="dask_memory_exporter"):
         readings = [source.read({}) for _ in range(3)]

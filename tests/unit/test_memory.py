@@ -70,18 +70,6 @@ def test_invariant_holds_for_random_inputs() -> None:
         assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process
 
 
-def test_sum_is_cluster_total() -> None:
-    a = MemoryBreakdown(process=300, managed=100, unmanaged_old=150, spilled=40)
-    b = MemoryBreakdown(process=200, managed=50, unmanaged_old=100, spilled=10)
-    total = MemoryBreakdown.sum([a, b])
-    assert (total.process, total.managed, total.unmanaged_old, total.unmanaged_recent) == (
-        500,
-        150,
-        250,
-        100,
-    )
-
-
 def test_window_minimum_matches_scheduler_algorithm() -> None:
     rng = random.Random(7)
     window = 30.0

@@ -1,201 +1,268 @@
-"""Matching local processes to scheduler workers, and the Poller's use of local readings.
+"""LocalProcessSource against real processes (the Poller's use of them: tests/unit/test_poller.py).
 
-``match`` is pure: it takes what the process table and the scheduler said, so the cases a
-real machine here cannot produce (another UID's sockets refused, several pods' worth of
-workers, a scheduler entry outliving its process) are written as plain data. Real processes,
-real sockets and a real nanny restart are in tests/integration/test_sidecar.py.
+The process trees here are real: a Python process whose command line reads ``dask worker``
+(so it is a worker host), with a real child holding 64 MiB and listening on a real socket, and
+a child whose command line is multiprocessing's resource tracker. No Dask runs in them: what is
+tested is finding, reading and matching processes, not Dask. Two faults cannot be produced for
+real because the tests run as root, who may read every process's sockets and RSS; they are
+simulated by overriding the source's one-call seams (``_listening``, ``_rss``), as a sidecar
+of another UID or under hidepid would see them. Real ``dask worker`` processes and a real
+nanny restart are in tests/integration/test_sidecar.py.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psutil
 import pytest
 
-from dask_memory_exporter.memory import WorkerReading
 from dask_memory_exporter.process import (
-    Candidate,
-    WorkerCommand,
-    match,
-    parse_worker_command,
+    LocalProcess,
+    LocalProcessSource,
+    LocalReading,
+    use_proc_root,
 )
 from dask_memory_exporter.scheduler import WorkerInfo
+from tests.support.live import free_port
+from tests.support.workers import MiB, info, workers
 
-MiB = 2**20
-NOW = 10_000.0
+HELD = 64 * MiB
+_WORKER = f"""
+import os, socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+held = b"x" * {HELD}  # written, so resident
+print("worker", os.getpid(), s.getsockname()[1], flush=True)
+time.sleep(300)
+"""
+_TRACKER = "from multiprocessing.resource_tracker import main; import time; time.sleep(300)"
+_HOST = f"""
+import os, socket, subprocess, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+if "--no-nanny" not in sys.argv:
+    subprocess.Popen([sys.executable, "-c", {_WORKER!r}])
+    subprocess.Popen([sys.executable, "-c", {_TRACKER!r}])
+print("host", os.getpid(), s.getsockname()[1], flush=True)  # after both children exist
+time.sleep(300)
+"""
 
 
-def info(
-    address: str,
-    name: str | None = None,
-    *,
-    nanny: str | None = "auto",
-    nthreads: int = 1,
-    limit: int | None = 300 * MiB,
-    last_seen: float = NOW,
-    process: int = 100 * MiB,
-) -> WorkerInfo:
-    host = address.split("://")[1].rsplit(":", 1)[0]
-    return WorkerInfo(
-        address=address,
-        name=name or address,
-        host=host,
-        nthreads=nthreads,
-        memory_limit=limit,
-        status="running",
-        last_seen=last_seen,
-        nanny=f"tcp://{host}:9{address[-3:]}" if nanny == "auto" else nanny,
-        reading=WorkerReading(process, 10 * MiB, 0, 0, last_seen),
+@dataclass(frozen=True)
+class Tree:
+    """A ``dask worker`` host and its worker process (the host itself with --no-nanny)."""
+
+    scheduler: str
+    host_pid: int
+    nanny: str
+    worker_pid: int
+    address: str
+    """The worker process's listening address, as the scheduler would report it."""
+
+    def worker(self, name: str | None = None) -> WorkerInfo:
+        """The scheduler's entry for this worker, heard of just now."""
+        return info(self.address, name, nanny=self.nanny, last_seen=time.time())
+
+
+@contextmanager
+def process_tree(*options: str) -> Iterator[Tree]:
+    """Start ``python -c HOST dask worker <scheduler> <options>``; kill its session after."""
+    scheduler = f"tcp://127.0.0.1:{free_port()}"  # never listened on: only its port is compared
+    argv = [sys.executable, "-c", _HOST, "dask", "worker", scheduler, *options]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    try:
+        expected = 1 if "--no-nanny" in options else 2
+        lines: dict[str, tuple[int, int]] = {}
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 30
+            while len(lines) < expected:
+                assert sel.select(deadline - time.monotonic()), "process tree did not start"
+                what, pid, port = proc.stdout.readline().decode().split()
+                lines[what] = (int(pid), int(port))
+        host_pid, nanny_port = lines["host"]
+        worker_pid, worker_port = lines.get("worker", lines["host"])
+        yield Tree(
+            scheduler,
+            host_pid,
+            f"tcp://127.0.0.1:{nanny_port}",
+            worker_pid,
+            f"tcp://127.0.0.1:{worker_port}",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Tree]:
+    """``dask worker <scheduler>``: no option tells its worker apart."""
+    with process_tree() as tree:
+        yield tree
+
+
+@pytest.fixture(scope="module")
+def named() -> Iterator[Tree]:
+    with process_tree("--name", "solo") as tree:
+        yield tree
+
+
+class Source(LocalProcessSource):
+    """The real source; sockets and RSS of chosen processes refused on demand (simulated)."""
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__(scheduler_address=tree.scheduler)
+        self.sockets_denied = False
+        self.rss_denied: set[int] = set()
+
+    def _listening(self, proc: psutil.Process) -> frozenset[tuple[str, int]]:
+        if self.sockets_denied:
+            raise psutil.AccessDenied(proc.pid)
+        return super()._listening(proc)
+
+    def _rss(self, proc: psutil.Process) -> int:
+        if proc.pid in self.rss_denied:
+            raise psutil.AccessDenied(proc.pid)
+        return super()._rss(proc)
+
+
+def ours(reading: LocalReading, tree: Tree) -> list[LocalProcess]:
+    """This tree's processes in a reading (other processes on the machine may be there too)."""
+    return [p for p in reading.processes if p.pid in (tree.host_pid, tree.worker_pid)]
+
+
+# --- finding and reading -------------------------------------------------------------------
+def test_finds_the_worker_child_of_a_dask_worker_host(plain: Tree) -> None:
+    """The host's child is the worker; the host and the resource tracker are not."""
+    tree = {plain.host_pid} | {c.pid for c in psutil.Process(plain.host_pid).children()}
+    assert len(tree) == 3
+    reading = Source(plain).read()
+    assert reading.ok and reading.denied == 0
+    (p,) = [p for p in reading.processes if p.pid in tree]
+    assert p.pid == plain.worker_pid
+    assert p.rss is not None and HELD < p.rss < 4 * HELD
+    assert p.start_time == psutil.Process(plain.worker_pid).create_time()
+    assert (p.address, p.name) == (None, None)  # no scheduler entries given, no --name
+    assert p in reading.unmatched and reading.matched == {}
+
+
+def test_no_nanny_host_is_the_worker() -> None:
+    with process_tree("--no-nanny") as tree:
+        assert [p.pid for p in ours(Source(tree).read(), tree)] == [tree.host_pid]
+
+
+def test_name_from_the_command_line(named: Tree) -> None:
+    (p,) = ours(Source(named).read(), named)
+    assert p.name == "solo"
+
+
+def test_hosts_of_another_scheduler_are_ignored(plain: Tree) -> None:
+    other = LocalProcessSource(scheduler_address=f"tcp://127.0.0.1:{free_port()}")
+    assert ours(other.read(), plain) == []
+
+
+# --- matching real processes to scheduler entries --------------------------------------------
+def decoy(tree: Tree) -> WorkerInfo:
+    """Another worker that, but for its sockets, could be this tree's."""
+    port = free_port()
+    return info(
+        f"tcp://127.0.0.1:{port}", nanny=f"tcp://127.0.0.1:{port + 1}", last_seen=time.time()
     )
 
 
-def workers(*ws: WorkerInfo) -> dict[str, WorkerInfo]:
-    return {w.address: w for w in ws}
+def test_matched_by_its_sockets(plain: Tree) -> None:
+    reading = Source(plain).read(workers(decoy(plain), plain.worker(), decoy(plain)))
+    assert set(reading.matched) == {plain.address}
+    assert reading.matched[plain.address].pid == plain.worker_pid
 
 
-def child(pid: int, host: int, command: WorkerCommand | None = None, **kw: object) -> Candidate:
-    return Candidate((pid, NOW - 100), host, command or WorkerCommand(), **kw)  # type: ignore[arg-type]
+def test_without_sockets_options_or_elimination_decide(plain: Tree, named: Tree) -> None:
+    """Sockets refused (another UID): two identical-looking workers stay unmatched, RSS still
+    reported; a --name, or one worker left, settles it."""
+    source = Source(plain)
+    source.sockets_denied = True
+    (p,) = ours(source.read(workers(decoy(plain), plain.worker())), plain)
+    assert p.address is None and p.rss is not None
+    (p,) = ours(source.read(workers(plain.worker())), plain)
+    assert p.address == plain.address
+
+    source = Source(named)
+    source.sockets_denied = True
+    reading = source.read(workers(decoy(named), named.worker("solo")))
+    assert reading.matched[named.address].pid == named.worker_pid
 
 
-def cmd(*args: str) -> WorkerCommand:
-    c = parse_worker_command(("/usr/bin/python", "/usr/bin/dask", "worker", *args))
-    assert c is not None
-    return c
+def test_a_match_sticks_while_the_scheduler_lists_it(plain: Tree) -> None:
+    source = Source(plain)
+    ws = workers(plain.worker(), decoy(plain))
+    assert plain.address in source.read(ws).matched
+    source.sockets_denied = True  # the evidence is gone; the match stays
+    ws = workers(plain.worker(), decoy(plain))
+    assert plain.address in source.read(ws).matched
 
 
-# --- the command line ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["/opt/venv/bin/python3", "/opt/venv/bin/dask", "worker", "tcp://s:8786"],
-        ["dask", "worker", "tcp://s:8786"],
-        ["/usr/bin/python", "/usr/local/bin/dask-worker", "tcp://s:8786"],
-        ["python", "-m", "distributed.cli.dask_worker", "tcp://s:8786"],
-        ["python", "-m", "dask", "worker", "tcp://s:8786"],
-    ],
-)
-def test_worker_command_lines_are_recognised(argv: list[str]) -> None:
-    c = parse_worker_command(argv)
-    assert c is not None and c.scheduler == "tcp://s:8786"
+def test_rss_denied_is_counted_and_warned_once(
+    plain: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process stays, matched, without RSS (its heartbeat figures are used)."""
+    source = Source(plain)
+    source.rss_denied = {plain.worker_pid}
+    ws = workers(plain.worker())
+    with caplog.at_level(logging.WARNING, logger="dask_memory_exporter"):
+        readings = [source.read(ws) for _ in range(3)]
+    for reading in readings:
+        (p,) = ours(reading, plain)
+        assert (p.address, p.rss) == (plain.address, None)
+        assert reading.denied == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and f"process {plain.worker_pid}" in warnings[0]
+    source.rss_denied = set()
+    assert source.read(ws).denied == 0
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["python", "-c", "from multiprocessing.spawn import spawn_main; spawn_main()"],
-        ["dask", "scheduler"],
-        ["python", "-m", "pytest", "tests/worker"],
-        [],
-    ],
-)
-def test_other_command_lines_are_not_workers(argv: list[str]) -> None:
-    assert parse_worker_command(argv) is None
+def test_a_worker_that_exits_is_dropped() -> None:
+    with process_tree() as tree:
+        source = Source(tree)
+        assert [p.pid for p in ours(source.read(), tree)] == [tree.worker_pid]
+        worker = psutil.Process(tree.worker_pid)
+        worker.kill()
+        deadline = time.monotonic() + 10
+        while worker.status() != psutil.STATUS_ZOMBIE:  # its parent never reaps it
+            assert time.monotonic() < deadline, "the killed worker is still running"
+            time.sleep(0.05)
+        reading = source.read()
+        assert reading.ok and ours(reading, tree) == []
 
 
-def test_only_explicit_options_constrain() -> None:
-    c = cmd("tcp://s:8786", "--name", "w", "--nthreads", "2", "--memory-limit", "4GiB")
-    assert (c.name, c.nthreads, c.memory_limit, c.nworkers, c.nanny) == ("w", 2, 4 * 2**30, 1, True)
-    bare = cmd("tcp://s:8786")
-    assert (bare.name, bare.nthreads, bare.memory_limit, bare.worker_ports) == (None,) * 4
-    assert cmd("--memory-limit", "auto").memory_limit is None
-    assert cmd("--memory-limit", "0.5").memory_limit is None  # a fraction of the host
-    assert cmd("--no-nanny").nanny is False
-    assert cmd("--worker-port", "9000:9002").worker_ports == {9000, 9001, 9002}
-    assert cmd("--nworkers", "3", "--name", "w").names() == {"w-0", "w-1", "w-2"}
-    assert cmd("--bogus-option", "1") == WorkerCommand()  # unknown option: no constraints
-    assert cmd("tcp://s:1", "--preload", "no_such_module").scheduler == "tcp://s:1"  # not run
+# --- the procfs root ---------------------------------------------------------------------------
+def test_a_source_refuses_a_procfs_psutil_does_not_read() -> None:
+    with pytest.raises(ValueError, match=r"use_proc_root\('/host/proc'\)"):
+        LocalProcessSource("/host/proc")
+    LocalProcessSource("/proc/")  # the same procfs
 
 
-def test_other_schedulers_workers_are_not_ours() -> None:
-    c = cmd("tcp://10.0.0.1:8786")
-    assert c.same_scheduler("tcp://10.0.0.1:8786")
-    assert c.same_scheduler("tcp://dask-scheduler:8786")  # a name may be that IP
-    assert not c.same_scheduler("tcp://10.0.0.1:9999")
-    assert not c.same_scheduler("tcp://10.0.0.2:8786")
-    assert cmd().same_scheduler("tcp://10.0.0.2:8786")  # --scheduler-file or env: unknown
-
-
-# --- matching -----------------------------------------------------------------------------
-def test_one_worker_per_pod_matches_by_elimination() -> None:
-    """The usual Kubernetes layout, sidecar of another UID: no sockets, no options."""
-    ws = workers(info("tcp://10.0.0.5:40123"), info("tcp://10.0.0.6:40123"))
-    got = match([child(20, 10)], ws, {}, frozenset({"10.0.0.5", "127.0.0.1"}))
-    assert got == {(20, NOW - 100): ("tcp://10.0.0.5:40123", "cmdline")}
-
-
-def test_listening_port_tells_several_children_apart() -> None:
-    ws = workers(info("tcp://10.0.0.5:40001"), info("tcp://10.0.0.5:40002"))
-    a = child(21, 10, listening=frozenset({("10.0.0.5", 40002), ("0.0.0.0", 8788)}))
-    b = child(22, 10, listening=frozenset({("0.0.0.0", 40001)}))
-    got = match([a, b], ws, {}, frozenset({"10.0.0.5"}))
-    assert got[a.key] == ("tcp://10.0.0.5:40002", "port")
-    assert got[b.key] == ("tcp://10.0.0.5:40001", "port")
-
-
-def test_several_children_without_sockets_stay_unmatched() -> None:
-    """`--nworkers 2` as another UID: the command line cannot tell the children apart."""
-    c = cmd("tcp://s:8786", "--nworkers", "2", "--name", "w")
-    ws = workers(info("tcp://10.0.0.5:40001", "w-0"), info("tcp://10.0.0.5:40002", "w-1"))
-    assert match([child(21, 10, c), child(22, 10, c)], ws, {}, frozenset({"10.0.0.5"})) == {}
-
-
-def test_options_and_elimination_settle_two_nannies() -> None:
-    """Two `dask worker` processes in one place, sockets refused: --name settles one, and the
-    other is then the only candidate left (a fixpoint, not one pass)."""
-    ws = workers(
-        info("tcp://127.0.0.1:40001", "named"),
-        info("tcp://127.0.0.1:40002", nthreads=2),
-    )
-    a = child(31, 30, cmd("--name", "named"))
-    b = child(41, 40, cmd())
-    got = match([b, a], ws, {}, frozenset({"127.0.0.1"}))
-    assert got == {
-        a.key: ("tcp://127.0.0.1:40001", "cmdline"),
-        b.key: ("tcp://127.0.0.1:40002", "cmdline"),
-    }
-
-
-def test_nanny_port_ties_a_child_to_its_worker() -> None:
-    ws = workers(
-        info("tcp://10.0.0.5:40001", nanny="tcp://10.0.0.5:9001"),
-        info("tcp://10.0.0.5:40002", nanny="tcp://10.0.0.5:9002"),
-    )
-    c = child(21, 10, host_listening=frozenset({("10.0.0.5", 9002)}))
-    assert match([c], ws, {}, None) == {c.key: ("tcp://10.0.0.5:40002", "cmdline")}
-
-
-def test_remote_workers_are_not_candidates() -> None:
-    ws = workers(info("tcp://10.0.0.6:40001"))
-    assert match([child(21, 10)], ws, {}, frozenset({"10.0.0.5"})) == {}
-
-
-def test_restarted_worker_is_not_matched_to_its_predecessor() -> None:
-    """After a nanny restart the scheduler may still list the old address for a moment; the
-    new process started after that worker was last heard of, so it is not the old one."""
-    old = info("tcp://10.0.0.5:40001", last_seen=NOW - 200)
-    c = child(22, 10)  # started at NOW - 100
-    assert match([c], workers(old), {}, None) == {}
-    new = info("tcp://10.0.0.5:40777", last_seen=NOW)
-    assert match([c], workers(old, new), {}, None) == {c.key: (new.address, "cmdline")}
-
-
-def test_sticky_match_survives_ambiguity_and_drops_with_the_address() -> None:
-    c = cmd("--nworkers", "2")
-    a, b = child(21, 10, c), child(22, 10, c)
-    ws = workers(info("tcp://10.0.0.5:40001"), info("tcp://10.0.0.5:40002"))
-    previous = {a.key: "tcp://10.0.0.5:40002", b.key: "tcp://10.0.0.5:40001"}
-    got = match([a, b], ws, previous, None)
-    assert got == {
-        a.key: ("tcp://10.0.0.5:40002", "sticky"),
-        b.key: ("tcp://10.0.0.5:40001", "sticky"),
-    }
-    del ws["tcp://10.0.0.5:40002"]
-    got = match([a, b], ws, previous, None)
-    assert got == {b.key: ("tcp://10.0.0.5:40001", "sticky")}
-
-
-def test_unverified_process_needs_a_port() -> None:
-    """A spawned child of some other parent (a LocalCluster) counts only by its socket."""
-    ws = workers(info("tcp://127.0.0.1:40001"))
-    stray = Candidate((50, NOW - 100), None, None)
-    assert match([stray], ws, {}, None) == {}
-    seen = Candidate((50, NOW - 100), None, None, frozenset({("127.0.0.1", 40001)}))
-    assert match([seen], ws, {}, None) == {seen.key: ("tcp://127.0.0.1:40001", "port")}
+def test_unreadable_process_table_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(psutil, "PROCFS_PATH", psutil.PROCFS_PATH)  # restored afterwards
+    use_proc_root("/nonexistent/proc/")
+    source = LocalProcessSource("/nonexistent/proc")
+    with caplog.at_level(logging.INFO, logger="dask_memory_exporter"):
+        readings = [source.read({}) for _ in range(3)]
+        assert [(r.ok, r.processes) for r in readings] == [(False, ())] * 3
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "/nonexistent/proc" in warnings[0]
+        caplog.clear()
+        use_proc_root("/proc")  # the table comes back (a remount, say)
+        assert source.read({}).ok
+    assert any("readable again" in r.getMessage() for r in caplog.records)
