@@ -14,8 +14,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dask_memory_exporter import names as n
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import (
@@ -29,6 +27,7 @@ from dask_memory_exporter.rules import (
     cluster_sum,
     unmanaged_deriv,
 )
+from dask_memory_exporter.yamlio import Inline, dump
 
 HERE = Path(__file__).resolve().parent
 CONFIG = MixinConfig()
@@ -52,10 +51,6 @@ SCHEDULER_DOWN = "DaskMemoryExporterSchedulerDown"
 EXPORTER_DOWN = "DaskMemoryExporterDown"
 
 Labels = dict[str, str]
-
-
-class Flow(dict[str, str]):
-    """A mapping written on one line (input series)."""
 
 
 def worker(name: str, port: int, instance: str = INSTANCE) -> Labels:
@@ -103,12 +98,12 @@ def series(
     spilled: str | None = None,
     heartbeat: str | None = None,
     thresholds: tuple[tuple[str, float], ...] = THRESHOLDS,
-) -> list[Flow]:
+) -> list[Inline]:
     """Input series of one worker; ``limit`` is e.g. ``1e9x10`` (thresholds follow it)."""
     out = []
 
     def add(metric: str, values: str, **extra: str) -> None:
-        out.append(Flow(series=metric + selector({**labels, **extra}), values=values))
+        out.append(Inline(series=metric + selector({**labels, **extra}), values=values))
 
     add(n.WORKER_PROCESS_BYTES, process)
     add(n.WORKER_MANAGED_BYTES, managed)
@@ -359,15 +354,15 @@ def alert_tests() -> list[dict[str, Any]]:
     )
 
     target = {"instance": INSTANCE}
-    other_up = Flow(series='up{job="other", instance="other:9100"}', values="0x24")
+    other_up = Inline(series='up{job="other", instance="other:9100"}', values="0x24")
     tests.append(
         {
             "name": f"{SCHEDULER_DOWN} fires after 2m without a successful poll; "
             f"{EXPORTER_DOWN} after 5m of failed scrapes",
             "interval": "30s",
             "input_series": [
-                Flow(series=n.SCHEDULER_UP + selector(target), values="1x4 0x20"),
-                Flow(series="up" + selector(target), values="1x4 0x20"),
+                Inline(series=n.SCHEDULER_UP + selector(target), values="1x4 0x20"),
+                Inline(series="up" + selector(target), values="1x4 0x20"),
                 other_up,
             ],
             "alert_rule_test": [
@@ -382,7 +377,9 @@ def alert_tests() -> list[dict[str, Any]]:
         {
             "name": f"{EXPORTER_DOWN} fires when no exporter target exists at all",
             "interval": "30s",
-            "input_series": [Flow(series='up{job="other", instance="other:9100"}', values="1x20")],
+            "input_series": [
+                Inline(series='up{job="other", instance="other:9100"}', values="1x20")
+            ],
             "alert_rule_test": [
                 check(EXPORTER_DOWN, "4m30s"),
                 check(EXPORTER_DOWN, "5m", expect(EXPORTER_DOWN, {})),
@@ -529,16 +526,6 @@ def recording_tests() -> list[dict[str, Any]]:
     ]
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _flow(dumper: yaml.SafeDumper, data: Flow) -> yaml.MappingNode:
-    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True)
-
-
-_Dumper.add_representer(Flow, _flow)
-
 HEADER = """\
 # promtool unit tests: promtool test rules tests/rules/{name} (run by tests/unit/test_rules.py)
 # on the generated {rules} (MixinConfig defaults).
@@ -559,7 +546,7 @@ def render() -> dict[str, str]:
             "evaluation_interval": interval,
             "tests": tests,
         }
-        body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=10000)
+        body = dump(doc)
         out[name] = HEADER.format(name=name, rules=f"deploy/prometheus/{rules}") + body
     return out
 
