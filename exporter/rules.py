@@ -28,7 +28,6 @@ __all__ = [
     "ALERTS_FILE",
     "ALERT_GROUP",
     "CLUSTER_PAUSED_WORKERS",
-    "CLUSTER_PROCESS_LIMIT_RATIO",
     "CLUSTER_WORKERS",
     "PROMETHEUS_RULE_FILE",
     "RECORDING_FILE",
@@ -44,7 +43,6 @@ __all__ = [
     "recording_rules",
     "render_files",
     "rule_groups",
-    "unmanaged_deriv",
 ]
 
 ALERTS_FILE = "dask-memory-alerts.yaml"
@@ -53,26 +51,29 @@ PROMETHEUS_RULE_FILE = "prometheusrule.yaml"
 ALERT_GROUP = "dask-memory-exporter.alerts"
 RECORDING_GROUP = "dask-memory-exporter.rules"
 
-# --- recorded series (level:metric:operations); the dashboards may use these names ----------
+# --- recorded series (level:metric:operations) ----------------------------------------------
+# Each is read by a dashboard (with dashboard_recording_rules) or an alert, and the dashboards
+# read no other: tests/unit/test_dashboards.py checks both ways. Use these names, never retype
+# them.
 CLUSTER_WORKERS = "dask_cluster:dask_memory_workers:count"
 """Workers per cluster (series of dask_memory_worker_process_bytes)."""
 CLUSTER_PAUSED_WORKERS = "dask_cluster:dask_memory_worker_paused:sum"
 """Paused workers per cluster."""
-CLUSTER_PROCESS_LIMIT_RATIO = "dask_cluster:dask_memory_worker_process_bytes:ratio"
-"""Process memory / memory limit per cluster, over the workers that have a limit."""
 WORKER_PROCESS_LIMIT_RATIO = "dask_worker:dask_memory_worker_process_bytes:ratio"
-"""Process memory / memory limit per worker (workers with a limit only)."""
+"""Process memory / memory limit per worker (workers with a limit only): the dashboards'
+"Process memory of limit" graphs."""
 WORKER_THRESHOLD_BYTES = "dask_worker:dask_memory_worker_threshold_bytes"
-"""Each memory-manager threshold in bytes (limit x ratio), label ``threshold`` kept."""
+"""Each memory-manager threshold in bytes (limit x ratio), label ``threshold`` kept: the
+threshold lines over the dashboards' stacked memory graphs."""
 
 _SUMMED = (
-    n.WORKER_PROCESS_BYTES,
     n.WORKER_MANAGED_BYTES,
     n.WORKER_UNMANAGED_BYTES,
     n.WORKER_UNMANAGED_RECENT_BYTES,
     n.WORKER_SPILLED_BYTES,
     n.WORKER_LIMIT_BYTES,
 )
+"""Families recorded per cluster by :func:`cluster_sum`: the stacked cluster memory graph."""
 
 
 STILL_GROWING = 0.5
@@ -82,11 +83,6 @@ STILL_GROWING = 0.5
 def cluster_sum(metric: str) -> str:
     """Recorded per-cluster sum of a per-worker family, e.g. ``dask_cluster:<metric>:sum``."""
     return f"dask_cluster:{metric}:sum"
-
-
-def unmanaged_deriv(config: MixinConfig) -> str:
-    """Recorded per-worker growth rate (bytes/s) of unmanaged (old) memory."""
-    return f"dask_worker:{n.WORKER_UNMANAGED_BYTES}:deriv{config.unmanaged_growing_window}"
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
@@ -153,7 +149,7 @@ def _labels(pairs: Iterable[str], what: str) -> dict[str, str]:
 
 
 def recording_rules(config: MixinConfig) -> list[dict[str, Any]]:
-    """Per-cluster totals and per-worker ratios used by the dashboards."""
+    """Per-cluster totals and per-worker series the dashboards read."""
     q = _Q(config)
     by = config.cluster_by
     sel = config.selector()
@@ -164,16 +160,6 @@ def recording_rules(config: MixinConfig) -> list[dict[str, Any]]:
     rules += [
         {"record": CLUSTER_WORKERS, "expr": f"count by ({by}) ({q.process})"},
         {"record": CLUSTER_PAUSED_WORKERS, "expr": f"sum by ({by}) ({q.paused})"},
-        {
-            "record": CLUSTER_PROCESS_LIMIT_RATIO,
-            "expr": _expr(
-                f"""
-                sum by ({by}) ({q.process} and {q.limit})
-                /
-                sum by ({by}) ({q.limit})
-                """
-            ),
-        },
         {"record": WORKER_PROCESS_LIMIT_RATIO, "expr": f"{q.process} / {q.limit}"},
         {
             "record": WORKER_THRESHOLD_BYTES,
@@ -181,10 +167,6 @@ def recording_rules(config: MixinConfig) -> list[dict[str, Any]]:
                 f"{q.limit} * {q.on_threshold} group_right "
                 f"{n.WORKER_THRESHOLD_RATIO}{config.selector()}"
             ),
-        },
-        {
-            "record": unmanaged_deriv(config),
-            "expr": f"deriv({q.unmanaged}[{config.unmanaged_growing_window}])",
         },
     ]
     return rules

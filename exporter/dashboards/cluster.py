@@ -10,7 +10,6 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
 from ..mixin import MixinConfig
-from ..rules import CLUSTER_PAUSED_WORKERS, CLUSTER_WORKERS
 from .panels import (
     BREAKDOWN,
     CLUSTER_FILE,
@@ -66,16 +65,8 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
     )
 
     firing = q.alerts(FIRING)
-    workers = (
-        f"sum({CLUSTER_WORKERS}{q.recorded})"
-        if config.dashboard_recording_rules
-        else f"count({n.WORKER_PROCESS_BYTES}{cs})"
-    )
-    paused = (
-        f"sum({CLUSTER_PAUSED_WORKERS}{q.recorded})"
-        if config.dashboard_recording_rules
-        else f"sum({n.WORKER_PAUSED}{cs})"
-    )
+    workers = q.workers()
+    paused = q.paused_workers()
     d = d.with_row(db.Row("Overview"))
     d = d.with_panel(
         stat_panel(
@@ -164,7 +155,7 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
             .legend(legend_table(("lastNotNull", "max")))
             .with_target(
                 target(
-                    f"{n.WORKER_PROCESS_BYTES}{ws} / {n.WORKER_LIMIT_BYTES}{ws}",
+                    q.process_of_limit(),
                     "A",
                     "{{" + n.LABEL_WORKER_NAME + "}}",
                 )

@@ -161,7 +161,8 @@ def stat_panel(title: str, description: str, unit: str, expr: str) -> stat.Panel
 def stacked_breakdown(
     q: Queries, title: str, description: str, sel: str, totals: bool, thresholds: bool
 ) -> timeseries.Panel:
-    """Managed / unmanaged / recent / spilled stacked, with the limit (and thresholds) as lines."""
+    """Managed / unmanaged / recent / spilled stacked, with the limit (and the thresholds of the
+    workers the ``worker`` variable selects) as lines."""
     refs = ref_ids()
     panel = (
         ts_panel(title, description, "bytes")
@@ -176,7 +177,7 @@ def stacked_breakdown(
     panel = panel.with_target(target(limit, next(refs), LIMIT))
     panel = panel.override_by_name(LIMIT, line_style(COLORS[LIMIT], dash=False))
     if thresholds:
-        expr = f"max by ({n.LABEL_THRESHOLD}) ({q.threshold_bytes(sel)})"
+        expr = f"max by ({n.LABEL_THRESHOLD}) ({q.threshold_bytes()})"
         panel = panel.with_target(target(expr, next(refs), "{{" + n.LABEL_THRESHOLD + "}}"))
         for t in n.THRESHOLDS:
             panel = panel.override_by_name(t, line_style(COLORS[t]))

@@ -122,7 +122,7 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
                 "percentunit",
             ).with_target(
                 target(
-                    f"{n.WORKER_PROCESS_BYTES}{ws} / {n.WORKER_LIMIT_BYTES}{ws}",
+                    q.process_of_limit(),
                     "A",
                     "{{" + n.LABEL_WORKER + "}}",
                 )

@@ -18,14 +18,12 @@ from dask_memory_exporter import names as n
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import (
     CLUSTER_PAUSED_WORKERS,
-    CLUSTER_PROCESS_LIMIT_RATIO,
     CLUSTER_WORKERS,
     WORKER_PROCESS_LIMIT_RATIO,
     WORKER_THRESHOLD_BYTES,
     add_runbook_links,
     alert_rules,
     cluster_sum,
-    unmanaged_deriv,
 )
 from dask_memory_exporter.yamlio import Inline, dump
 
@@ -447,7 +445,6 @@ def recording_tests() -> list[dict[str, Any]]:
     def one(record: str, value: float) -> dict[str, Any]:
         return {"expr": record, "eval_time": "5m", "exp_samples": [sample(record, cluster, value)]}
 
-    deriv = unmanaged_deriv(CONFIG)
     return [
         {
             "name": "Cluster totals and per-worker ratios; a worker without a limit counts in the "
@@ -486,7 +483,6 @@ def recording_tests() -> list[dict[str, Any]]:
             ],
             "promql_expr_test": [
                 # at 5m: a 600e6, b 205e6, nolimit 400e6
-                total(n.WORKER_PROCESS_BYTES, 1205e6),
                 total(n.WORKER_MANAGED_BYTES, 400e6),
                 total(n.WORKER_UNMANAGED_BYTES, 655e6),
                 total(n.WORKER_UNMANAGED_RECENT_BYTES, 150e6),
@@ -494,8 +490,6 @@ def recording_tests() -> list[dict[str, Any]]:
                 total(n.WORKER_LIMIT_BYTES, 1.5e9),
                 one(CLUSTER_WORKERS, 3),
                 one(CLUSTER_PAUSED_WORKERS, 1),
-                # (600e6 + 205e6) / 1.5e9: the worker without a limit is left out of both sides
-                one(CLUSTER_PROCESS_LIMIT_RATIO, 805e6 / 1.5e9),
                 {
                     "expr": WORKER_PROCESS_LIMIT_RATIO,
                     "eval_time": "5m",
@@ -510,15 +504,6 @@ def recording_tests() -> list[dict[str, Any]]:
                     "exp_samples": [
                         sample(WORKER_THRESHOLD_BYTES, {**of(b), "threshold": t}, ratio * 500e6)
                         for t, ratio in THRESHOLDS
-                    ],
-                },
-                {
-                    "expr": deriv,
-                    "eval_time": "5m",
-                    "exp_samples": [
-                        sample(deriv, of(a), 0),
-                        sample(deriv, of(b), 1e6 / 60),
-                        sample(deriv, of(nolimit), 0),
                     ],
                 },
             ],

@@ -226,14 +226,53 @@ def test_every_query_uses_the_configured_selector(recording: bool) -> None:
             selectors = SELECTOR.findall(expr)
             assert selectors, expr
             for name, matchers in selectors:
-                if ":" in name:  # recorded per cluster: the rule applied the exporter selector
-                    assert matchers == 'cluster=~"$cluster", namespace=~"$namespace"', expr
+                if ":" in name:  # recorded: the rule applied the exporter selector
+                    assert matchers.startswith('cluster=~"$cluster", namespace=~"$namespace"')
                     continue
                 assert matchers.startswith('service="dask-exp"'), expr
                 if not expr.startswith("label_values"):
                     assert 'cluster=~"$cluster", namespace=~"$namespace"' in matchers, expr
         names = [v["name"] for v in doc["templating"]["list"]]
         assert names == ["datasource", "cluster", "namespace", "worker"]
+
+
+RECORDED = re.compile(r"\b([a-z_]+:[a-z_]+(?::[a-z0-9_]+)?)")
+
+
+def recorded_reads(exprs_: list[str]) -> set[str]:
+    return {name for expr in exprs_ for name in RECORDED.findall(expr)}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CONFIG,
+        dataclasses.replace(CONFIG, cluster_labels=("cluster",), unmanaged_growing_window="2h"),
+    ],
+)
+def test_every_recording_rule_is_read_and_every_recorded_read_is_defined(
+    config: MixinConfig,
+) -> None:
+    defined = [r["record"] for r in recording_rules(config)]
+    assert len(defined) == len(set(defined))
+    by_dashboards = recorded_reads([e for doc in docs(config).values() for e in exprs(doc)])
+    by_alerts = recorded_reads([r["expr"] for r in alert_rules(config)])
+    assert by_dashboards <= set(defined), by_dashboards - set(defined)
+    assert by_alerts <= set(defined), by_alerts - set(defined)
+    unread = set(defined) - by_dashboards - by_alerts
+    assert not unread, f"recording rules nothing reads: {sorted(unread)}"
+
+
+def test_without_recording_rules_the_dashboards_read_none() -> None:
+    config = dataclasses.replace(CONFIG, dashboard_recording_rules=False)
+    assert recorded_reads([e for doc in docs(config).values() for e in exprs(doc)]) == set()
+
+
+def test_recorded_names_are_never_retyped_in_the_dashboards_source() -> None:
+    """They come from rules.py (cluster_sum, the constants), so a rename cannot miss one."""
+    source = ROOT / "exporter" / "dashboards"
+    for path in source.glob("*.py"):
+        assert not re.search(r"dask_(cluster|worker):", path.read_text()), path.name
 
 
 def test_cluster_labels_may_not_shadow_the_dashboards_own_variables() -> None:
