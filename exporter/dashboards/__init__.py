@@ -10,8 +10,8 @@ examples under ``grafana/provisioning/``:
     levels; a sortable worker table; the project's firing alerts; paused workers as annotations.
 ``dask-worker-memory.json`` ("Dask worker memory", :mod:`.worker`)
     One worker (template variable ``worker``, by ``worker_name``, which survives restarts) over
-    time with its thresholds, process memory by source (scheduler heartbeat versus the sidecar's
-    direct RSS), paused state and heartbeat age.
+    time with its thresholds, process memory by source (the sidecar's direct RSS versus
+    the scheduler's last heartbeat), paused state and heartbeat age.
 
 One concern per module: :mod:`.queries` builds the PromQL, :mod:`.panels` the panels, variables
 and annotations both dashboards share, :mod:`.render` the JSON files, :mod:`.provisioning` the

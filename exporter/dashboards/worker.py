@@ -138,13 +138,18 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
     d = d.with_panel(
         ts_panel(
             "Process memory by source",
-            "The worker's RSS as its heartbeat reports it through the scheduler, and as the "
-            "exporter's sidecar reads it directly from the operating system (local mode only; "
-            "absent otherwise). They differ by up to one heartbeat interval.",
+            "Process memory (in the sidecar modes, --mode local or both, the worker's RSS read "
+            "directly from the operating system) against the process memory of the worker's last "
+            "heartbeat, as the scheduler last heard it. They part while the worker's event loop "
+            "is blocked: the heartbeat figure freezes while the direct RSS keeps moving. The "
+            "heartbeat series exists only in the sidecar modes; in scheduler mode process memory "
+            "is the heartbeat's figure.",
             "bytes",
         )
-        .with_target(target(f"{n.WORKER_PROCESS_BYTES}{ws}", "A", "scheduler heartbeat {{worker}}"))
-        .with_target(target(f"{n.WORKER_RSS_BYTES}{ws}", "B", "direct RSS (sidecar) {{worker}}"))
+        .with_target(target(f"{n.WORKER_PROCESS_BYTES}{ws}", "A", "process {{worker}}"))
+        .with_target(
+            target(f"{n.WORKER_HEARTBEAT_PROCESS_BYTES}{ws}", "B", "last heartbeat {{worker}}")
+        )
         .height(8)
         .span(12)
     )

@@ -205,7 +205,7 @@ def test_only_contract_metrics_and_recorded_series(recording: bool) -> None:
     assert used <= known, used - known
     recorded = {u for u in used if ":" in u}
     assert bool(recorded) is recording
-    for family in (*n.WORKER_FAMILIES, n.WORKER_RSS_BYTES, n.SCHEDULER_UP):
+    for family in (*n.WORKER_FAMILIES, n.WORKER_HEARTBEAT_PROCESS_BYTES, n.SCHEDULER_UP):
         assert family in used, family
 
 
@@ -367,10 +367,11 @@ def test_pause_annotations() -> None:
         assert n.WORKER_PAUSED in paused["expr"] and paused["expr"].endswith("== 1")
 
 
-def test_worker_dashboard_shows_rss_source_and_heartbeat() -> None:
+def test_worker_dashboard_shows_process_against_heartbeat_and_heartbeat_age() -> None:
     t = by_title(WORKER_FILE)
     exprs_ = [x["expr"] for x in t["Process memory by source"]["targets"]]
-    assert n.WORKER_PROCESS_BYTES in exprs_[0] and n.WORKER_RSS_BYTES in exprs_[1]
+    assert exprs_[0].startswith(n.WORKER_PROCESS_BYTES + "{")
+    assert exprs_[1].startswith(n.WORKER_HEARTBEAT_PROCESS_BYTES + "{")
     assert n.WORKER_HEARTBEAT_AGE_SECONDS in t["Heartbeat age"]["targets"][0]["expr"]
     steps = t["Heartbeat age"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert steps[-1]["value"] == 60  # heartbeat_stale_after = 1m
