@@ -1,7 +1,7 @@
 """The monitoring mixin's one configuration, shared by the rule and dashboard generators.
 
 Like kubernetes-mixin's ``_config``: every selector, window, ``for:`` duration, severity and
-grouping label lives here with a comment, and ``rules.py`` / ``dashboards.py`` interpolate it
+grouping label lives here with a comment, and ``rules.py`` / ``dashboards/`` interpolate it
 instead of hard-coding ``job="..."``. Pure data: no I/O.
 """
 

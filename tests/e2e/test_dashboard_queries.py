@@ -53,8 +53,7 @@ MAY_BE_EMPTY = {
     (CLUSTER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
     (WORKER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
     (WORKER_FILE, "Process memory by source", "B"): (
-        "dask_memory_worker_rss_bytes exists only in the sidecar's local mode; the demo "
-        "polls the scheduler"
+        "sidecar-only series; the demo runs in scheduler mode"
     ),
 }
 

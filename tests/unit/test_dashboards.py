@@ -1,16 +1,19 @@
 """Generated dashboards: what Grafana's importer needs, the contract with names.py and rules.py,
-and no drift between the committed files and the generator."""
+what the panels show, and no drift between the committed files and the generator."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -21,7 +24,6 @@ from dask_memory_exporter.dashboards import (
     CLUSTER_FILE,
     DATASOURCE_INPUT,
     WORKER_FILE,
-    dashboard_uid,
     render_configmap,
     render_files,
     render_provider,
@@ -36,6 +38,11 @@ PROVISIONING = ROOT / "grafana" / "provisioning"
 CONFIG = MixinConfig()
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__all"}
 TITLES = {CLUSTER_FILE: "Dask cluster memory", WORKER_FILE: "Dask worker memory"}
+# Links and bookmarks point at these: a change of the uid derivation breaks them.
+UIDS = {
+    CLUSTER_FILE: "699af873066efe3e7a4e527330a20315",
+    WORKER_FILE: "13393c23ef5477d53bcde6e16a57447a",
+}
 
 
 def docs(config: MixinConfig = CONFIG) -> dict[str, dict[str, Any]]:
@@ -53,43 +60,62 @@ def panels(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def exprs(doc: dict[str, Any]) -> list[str]:
+    """Every PromQL expression: panel targets, annotations, variable queries."""
     out = [t["expr"] for p in panels(doc) for t in p.get("targets", [])]
     out += [a["expr"] for a in doc["annotations"]["list"] if "expr" in a]
     out += [v["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
     return out
 
 
+def all_exprs(config: MixinConfig) -> list[str]:
+    return [e for doc in docs(config).values() for e in exprs(doc)]
+
+
 ALL = docs()
 
 
-# --- drift ------------------------------------------------------------------------------------
+def by_title(file: str) -> dict[str, dict[str, Any]]:
+    return {p["title"]: p for p in panels(ALL[file])}
+
+
+def overrides(panel: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+        for o in panel["fieldConfig"]["overrides"]
+    }
+
+
+# --- drift and determinism ---------------------------------------------------------------------
 def test_committed_dashboards_equal_the_generator() -> None:
-    files = render_files(CONFIG)
-    assert sorted(files) == [CLUSTER_FILE, WORKER_FILE]
     committed = {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
-    assert committed == files, (
-        "grafana/dashboards/ is stale: run `dask-memory-exporter generate dashboards`"
-    )
+    assert committed == render_files(CONFIG), "grafana/dashboards/ is stale: run `./dev generate`"
 
 
 def test_committed_provisioning_equals_the_generator() -> None:
-    files = render_provisioning(CONFIG)
-    assert files == {
-        "configmap.yaml": render_configmap(CONFIG),
-        "dashboards.yaml": render_provider(),
-    }
     committed = {p.name: p.read_text() for p in PROVISIONING.glob("*.yaml")}
-    assert committed == files, "grafana/provisioning/ is stale: regenerate with render_provisioning"
+    assert committed == render_provisioning(CONFIG), (
+        "grafana/provisioning/ is stale: run `./dev generate`"
+    )
 
 
-def test_rendering_is_deterministic_and_json_is_stable() -> None:
-    assert render_files(CONFIG) == render_files(MixinConfig())
-    for text in render_files(CONFIG).values():
-        assert text.endswith("}\n")
-        assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+def test_output_does_not_depend_on_the_hash_seed() -> None:
+    """Set and dict iteration must not leak into the files: another interpreter with another
+    hash seed writes the same bytes (otherwise the drift check would flap)."""
+    script = (
+        "import json, sys\n"
+        "from dask_memory_exporter.dashboards import render_files, render_provisioning\n"
+        "from dask_memory_exporter.mixin import MixinConfig\n"
+        "c = MixinConfig()\n"
+        "json.dump({**render_files(c), **render_provisioning(c)}, sys.stdout)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # this process runs with a random seed
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == {**render_files(CONFIG), **render_provisioning(CONFIG)}
 
 
-def test_cli_generate_writes_the_same_files(tmp_path: Path) -> None:
+def test_cli_generate_writes_the_files_of_the_given_settings(tmp_path: Path) -> None:
     assert main(["generate", "dashboards", "--output-dir", str(tmp_path)]) == 0
     written = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert written == render_files(CONFIG)
@@ -100,41 +126,45 @@ def test_cli_generate_writes_the_same_files(tmp_path: Path) -> None:
 
 
 # --- what Grafana's importer needs ----------------------------------------------------------
+def test_uids_are_stable_and_do_not_depend_on_the_settings() -> None:
+    other = docs(
+        dataclasses.replace(CONFIG, exporter_selector='job="x"', cluster_labels=("cluster",))
+    )
+    for file, uid in UIDS.items():
+        assert ALL[file]["uid"] == other[file]["uid"] == uid
+        assert len(uid) <= 40  # Grafana's limit
+
+
+def test_dashboard_settings_follow_the_mixin_config() -> None:
+    config = dataclasses.replace(
+        CONFIG, dashboard_refresh="1m", dashboard_tags=("a", "b"), dashboard_time_from="now-6h"
+    )
+    for file, doc in docs(config).items():
+        assert doc["title"] == TITLES[file]
+        assert doc["refresh"] == "1m"
+        assert doc["tags"] == ["a", "b"]
+        assert doc["time"] == {"from": "now-6h", "to": "now"}
+
+
 @pytest.mark.parametrize("file", [CLUSTER_FILE, WORKER_FILE])
 def test_importable_structure(file: str) -> None:
     doc = ALL[file]
-    assert doc["title"] == TITLES[file]
-    assert (
-        doc["uid"]
-        == hashlib.md5(file.encode(), usedforsecurity=False).hexdigest()
-        == dashboard_uid(file)
-    )
-    assert len(doc["uid"]) <= 40
     assert doc["schemaVersion"] == 41
     assert doc["id"] is None  # import creates a new dashboard
-    assert isinstance(doc["templating"]["list"], list) and doc["templating"]["list"]
-    assert isinstance(doc["annotations"]["list"], list)
-    assert doc["refresh"] == CONFIG.dashboard_refresh
-    assert doc["tags"] == list(CONFIG.dashboard_tags)
-    assert doc["time"] == {"from": CONFIG.dashboard_time_from, "to": "now"}
 
-    assert doc["__inputs"] == [
-        {
-            "name": DATASOURCE_INPUT,
-            "label": "Prometheus",
-            "description": "Prometheus that scrapes dask-memory-exporter",
-            "type": "datasource",
-            "pluginId": "prometheus",
-            "pluginName": "Prometheus",
-        }
-    ]
+    # The one input is what the data source variable defaults to, and nothing else is asked.
+    (declared,) = doc["__inputs"]
+    assert declared["name"] == DATASOURCE_INPUT and declared["pluginId"] == "prometheus"
+    text = json.dumps({k: v for k, v in doc.items() if k != "__inputs"})
+    assert set(re.findall(r"\$\{(DS_\w+)\}", text)) == {DATASOURCE_INPUT}
+
+    # Grafana checks the plugins in __requires before import: exactly the panel types used.
     requires = {(r["type"], r["id"]) for r in doc["__requires"]}
     used = {("panel", p["type"]) for p in panels(doc)}
     assert requires == {("grafana", "grafana"), ("datasource", "prometheus"), *used}
 
     titles = [p["title"] for p in panels(doc)]
     assert len(titles) == len(set(titles)), "panel titles identify panels in tests and links"
-
     ids = [p["id"] for p in walk(doc["panels"])]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
 
@@ -185,28 +215,63 @@ def test_variables(file: str) -> None:
             assert name in defined, (name, expr)
 
 
+def test_cluster_labels_may_not_shadow_the_dashboards_own_variables() -> None:
+    with pytest.raises(ValueError, match="worker"):
+        render_files(dataclasses.replace(CONFIG, cluster_labels=("job", "worker")))
+
+
 # --- the contract with names.py and rules.py -------------------------------------------------
-METRIC = re.compile(r"\b(dask_[a-z_:]+)")
+SERIES = re.compile(r"\b([a-z_][a-z0-9_]*(?::[a-z0-9_]+)*)\s*\{")
+RECORDED = re.compile(r"\b([a-z_]+:[a-z_]+(?::[a-z0-9_]+)?)")
 
 
-def known_series(config: MixinConfig) -> set[str]:
-    names = {v for k, v in vars(n).items() if k.isupper() and isinstance(v, str)}
-    return names | {r["record"] for r in recording_rules(config)}
+def declared_metrics() -> set[str]:
+    return {v for k, v in vars(n).items() if k.isupper() and isinstance(v, str)}
+
+
+def recorded_reads(exprs_: list[str]) -> set[str]:
+    return {name for expr in exprs_ for name in RECORDED.findall(expr)}
 
 
 @pytest.mark.parametrize("recording", [True, False])
-def test_only_contract_metrics_and_recorded_series(recording: bool) -> None:
+def test_queries_read_only_declared_metrics_and_recorded_series(recording: bool) -> None:
     config = dataclasses.replace(CONFIG, dashboard_recording_rules=recording)
-    known = known_series(config)
-    used: set[str] = set()
-    for doc in docs(config).values():
-        for expr in exprs(doc):
-            used |= set(METRIC.findall(expr))
-    assert used <= known, used - known
-    recorded = {u for u in used if ":" in u}
-    assert bool(recorded) is recording
-    for family in (*n.WORKER_FAMILIES, n.WORKER_RSS_BYTES, n.SCHEDULER_UP):
-        assert family in used, family
+    known = declared_metrics() | {r["record"] for r in recording_rules(config)} | {"ALERTS"}
+    read = {name for expr in all_exprs(config) for name in SERIES.findall(expr)}
+    assert read <= known, read - known
+    for family in (*n.WORKER_FAMILIES, n.WORKER_HEARTBEAT_PROCESS_BYTES, n.SCHEDULER_UP):
+        assert family in read, family
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CONFIG,
+        dataclasses.replace(CONFIG, cluster_labels=("cluster",), unmanaged_growing_window="2h"),
+    ],
+)
+def test_every_recording_rule_is_read_and_every_recorded_read_is_defined(
+    config: MixinConfig,
+) -> None:
+    defined = [r["record"] for r in recording_rules(config)]
+    assert len(defined) == len(set(defined))
+    by_dashboards = recorded_reads(all_exprs(config))
+    by_alerts = recorded_reads([r["expr"] for r in alert_rules(config)])
+    assert by_dashboards <= set(defined), by_dashboards - set(defined)
+    assert by_alerts <= set(defined), by_alerts - set(defined)
+    unread = set(defined) - by_dashboards - by_alerts
+    assert not unread, f"recording rules nothing reads: {sorted(unread)}"
+
+
+def test_without_recording_rules_the_dashboards_read_none() -> None:
+    config = dataclasses.replace(CONFIG, dashboard_recording_rules=False)
+    assert recorded_reads(all_exprs(config)) == set()
+
+
+def test_recorded_names_are_never_retyped_in_the_dashboards_source() -> None:
+    """They come from rules.py (cluster_sum, the constants), so a rename cannot miss one."""
+    for path in (ROOT / "exporter" / "dashboards").glob("*.py"):
+        assert not re.search(r"dask_(cluster|worker):", path.read_text()), path.name
 
 
 SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)\{([^}]*)\}")
@@ -226,8 +291,8 @@ def test_every_query_uses_the_configured_selector(recording: bool) -> None:
             selectors = SELECTOR.findall(expr)
             assert selectors, expr
             for name, matchers in selectors:
-                if ":" in name:  # recorded per cluster: the rule applied the exporter selector
-                    assert matchers == 'cluster=~"$cluster", namespace=~"$namespace"', expr
+                if ":" in name:  # recorded: the rule applied the exporter selector
+                    assert matchers.startswith('cluster=~"$cluster", namespace=~"$namespace"')
                     continue
                 assert matchers.startswith('service="dask-exp"'), expr
                 if not expr.startswith("label_values"):
@@ -236,31 +301,32 @@ def test_every_query_uses_the_configured_selector(recording: bool) -> None:
         assert names == ["datasource", "cluster", "namespace", "worker"]
 
 
-def test_cluster_labels_may_not_shadow_the_dashboards_own_variables() -> None:
-    with pytest.raises(ValueError, match="worker"):
-        render_files(dataclasses.replace(CONFIG, cluster_labels=("job", "worker")))
+@pytest.mark.parametrize("recording", [True, False])
+def test_every_query_of_the_worker_dashboard_filters_by_the_worker(recording: bool) -> None:
+    doc = docs(dataclasses.replace(CONFIG, dashboard_recording_rules=recording))[WORKER_FILE]
+    worker = f'{n.LABEL_WORKER_NAME}=~"$worker"'
+    queries = [t["expr"] for p in panels(doc) for t in p["targets"]]
+    queries += [a["expr"] for a in doc["annotations"]["list"] if "expr" in a]
+    for expr in queries:
+        for name, matchers in SELECTOR.findall(expr):
+            assert worker in matchers, (name, expr)
+
+
+def test_thresholds_come_from_the_exporter_not_from_constants() -> None:
+    for expr in all_exprs(CONFIG):
+        for number in re.findall(r"(?<![\w.$])(\d*\.\d+|\d+)(?![\w.])", expr):
+            assert number in {"0", "1"}, (number, expr)  # == 1 (paused), vector(0)
 
 
 def test_alerts_panel_selects_every_project_alert() -> None:
+    expr = by_title(CLUSTER_FILE)["Alert list"]["targets"][0]["expr"]
+    (regex,) = re.findall(r'alertname=~"([^"]+)"', expr)
+    assert regex == ALERTNAME_REGEX
     for rule in alert_rules(CONFIG):
-        assert re.fullmatch(ALERTNAME_REGEX, rule["alert"]), rule["alert"]
-    cluster = ALL[CLUSTER_FILE]
-    titles = {p["title"]: p for p in panels(cluster)}
-    assert 'alertname=~"Dask.*"' in titles["Alert list"]["targets"][0]["expr"]
+        assert re.fullmatch(regex, rule["alert"]), rule["alert"]
 
 
-# --- content ------------------------------------------------------------------------------------
-def by_title(file: str) -> dict[str, dict[str, Any]]:
-    return {p["title"]: p for p in panels(ALL[file])}
-
-
-def overrides(panel: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
-        for o in panel["fieldConfig"]["overrides"]
-    }
-
-
+# --- what the panels show -----------------------------------------------------------------------
 def test_stacked_breakdown_in_the_dask_colours_with_limit_and_thresholds() -> None:
     for file, title in ((CLUSTER_FILE, "Cluster memory"), (CLUSTER_FILE, "$worker"),
                         (WORKER_FILE, "Memory")):  # fmt: skip
@@ -290,9 +356,8 @@ def test_process_of_limit_panels_are_percent_with_threshold_lines() -> None:
         assert set(n.THRESHOLDS) <= set(overrides(p))
 
 
-def test_worker_table_columns_sortable_and_linked() -> None:
+def test_worker_table_columns_sortable_and_linked_to_the_worker_dashboard() -> None:
     p = by_title(CLUSTER_FILE)["Worker table"]
-    assert p["type"] == "table"
     organize = next(t for t in p["transformations"] if t["id"] == "organize")["options"]
     rename = organize["renameByName"]
     assert sorted(rename) == sorted(f"Value #{t['refId']}" for t in p["targets"])
@@ -305,9 +370,8 @@ def test_worker_table_columns_sortable_and_linked() -> None:
     ov = overrides(p)
     assert ov["share of limit"]["unit"] == "percentunit"
     assert ov["heartbeat age"]["unit"] == "s"
-    assert p["fieldConfig"]["defaults"]["unit"] == "bytes"
     link = ov[n.LABEL_WORKER_NAME]["links"][0]["url"]
-    assert link.startswith(f"/d/{dashboard_uid(WORKER_FILE)}/")
+    assert link.startswith(f"/d/{ALL[WORKER_FILE]['uid']}/")
     assert "var-worker=${__value.raw}" in link
 
 
@@ -316,7 +380,6 @@ def test_bar_chart_renames_every_query() -> None:
     organize = next(t for t in p["transformations"] if t["id"] == "organize")["options"]
     assert sorted(organize["renameByName"]) == sorted(f"Value #{t['refId']}" for t in p["targets"])
     assert p["options"]["xField"] == n.LABEL_WORKER_NAME
-    assert p["options"]["stacking"] == "normal"
 
 
 def test_pause_annotations() -> None:
@@ -328,10 +391,13 @@ def test_pause_annotations() -> None:
         assert n.WORKER_PAUSED in paused["expr"] and paused["expr"].endswith("== 1")
 
 
-def test_worker_dashboard_shows_rss_source_and_heartbeat() -> None:
+def test_worker_dashboard_shows_process_against_heartbeat_and_heartbeat_age() -> None:
     t = by_title(WORKER_FILE)
-    exprs_ = [x["expr"] for x in t["Process memory by source"]["targets"]]
-    assert n.WORKER_PROCESS_BYTES in exprs_[0] and n.WORKER_RSS_BYTES in exprs_[1]
+    source = t["Process memory by source"]
+    exprs_ = [x["expr"] for x in source["targets"]]
+    assert exprs_[0].startswith(n.WORKER_PROCESS_BYTES + "{")
+    assert exprs_[1].startswith(n.WORKER_HEARTBEAT_PROCESS_BYTES + "{")
+    assert "event loop is blocked" in source["description"]
     assert n.WORKER_HEARTBEAT_AGE_SECONDS in t["Heartbeat age"]["targets"][0]["expr"]
     steps = t["Heartbeat age"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert steps[-1]["value"] == 60  # heartbeat_stale_after = 1m
@@ -340,31 +406,32 @@ def test_worker_dashboard_shows_rss_source_and_heartbeat() -> None:
 def test_dashboards_link_each_other() -> None:
     for file, other in ((CLUSTER_FILE, WORKER_FILE), (WORKER_FILE, CLUSTER_FILE)):
         (link,) = ALL[file]["links"]
-        assert link["url"].startswith(f"/d/{dashboard_uid(other)}/")
+        assert link["url"].startswith(f"/d/{ALL[other]['uid']}/")
         assert link["includeVars"] and link["keepTime"]
 
 
 # --- provisioning ---------------------------------------------------------------------------------
-def test_configmap_for_the_helm_sidecar() -> None:
+def test_configmap_carries_both_dashboards_for_the_helm_sidecar() -> None:
     text = render_configmap(CONFIG)
     doc = yaml.safe_load(text)
-    assert doc["apiVersion"] == "v1" and doc["kind"] == "ConfigMap"
     assert doc["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert doc["data"] == render_files(CONFIG)
     assert len(text.encode()) < 256 * 1024  # fits kubectl's last-applied annotation
-    assert (
-        yaml.safe_load(render_configmap(CONFIG, namespace="monitoring"))["metadata"]["namespace"]
-        == "monitoring"
-    )
+    assert "namespace" not in doc["metadata"]
+    namespaced = yaml.safe_load(render_configmap(CONFIG, namespace="monitoring"))
+    assert namespaced["metadata"]["namespace"] == "monitoring"
 
 
 def test_configmap_is_a_valid_kubernetes_object() -> None:
-    kv = pytest.importorskip("kubernetes_validate")
-    kv.validate(yaml.safe_load(render_configmap(CONFIG)), "1.30", strict=True)
+    kubernetes_validate.validate(yaml.safe_load(render_configmap(CONFIG)), "1.30", strict=True)
 
 
-def test_provider_file() -> None:
+def test_provider_loads_the_dashboards_from_a_folder() -> None:
     doc = yaml.safe_load(render_provider())
     assert doc["apiVersion"] == 1
     (provider,) = doc["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+    assert (
+        provider["folder"]
+        == yaml.safe_load(render_configmap(CONFIG))["metadata"]["annotations"]["grafana_folder"]
+    ), "both provisioning routes put the dashboards in one folder"
