@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -359,8 +360,7 @@ def test_configmap_for_the_helm_sidecar() -> None:
 
 
 def test_configmap_is_a_valid_kubernetes_object() -> None:
-    kv = pytest.importorskip("kubernetes_validate")
-    kv.validate(yaml.safe_load(render_configmap(CONFIG)), "1.30", strict=True)
+    kubernetes_validate.validate(yaml.safe_load(render_configmap(CONFIG)), "1.30", strict=True)
 
 
 def test_provider_file() -> None:
