@@ -20,6 +20,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -111,7 +112,7 @@ def bench(n_workers: int, repeat: int) -> list[str]:
     snap = make_snapshot(n_workers)
     direct_ms = median_ms(lambda: direct(snap), repeat)
     worker_samples = samples(direct(snap))
-    ref_ms = {om: median_ms(lambda om=om: reference(snap, om), repeat) for om in (False, True)}
+    ref_ms = {om: median_ms(partial(reference, snap, om), repeat) for om in (False, True)}
     rows = []
     for label, ref, mine in (
         ("text", ref_ms[False], direct_ms),
