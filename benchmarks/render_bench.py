@@ -87,7 +87,8 @@ def reference(snapshot: Snapshot, openmetrics: bool) -> bytes:
     """prometheus_client's own exposition of the whole collector (workers included)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot, workers=True))
-    return generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+    text: bytes = generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+    return text
 
 
 def direct(snapshot: Snapshot) -> bytes:
