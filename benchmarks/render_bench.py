@@ -92,7 +92,8 @@ def reference(snapshot: Snapshot, openmetrics: bool) -> bytes:
 
 
 def direct(snapshot: Snapshot) -> bytes:
-    return write_worker_families(snapshot).encode()
+    text: str = write_worker_families(snapshot)
+    return text.encode()
 
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
