@@ -8,8 +8,9 @@ OpenMetrics ``generate_latest`` over ``SnapshotCollector(snapshot)`` in a fresh
 The direct writer's output is valid in both formats, so one call serves both.
 
 Run: ``.venv/bin/python -m benchmarks.render_bench`` (about half a minute; ``--repeat`` and
-``--workers`` to change it). It prints a Markdown table of medians; docs/performance.md records
-the results. Not a test: nothing here asserts a time.
+``--workers`` to change it). It prints a Markdown table of median CPU times (process time, so
+that other jobs on a shared machine inflate them less than wall-clock time);
+docs/performance.md records the results. Not a test: nothing here asserts a time.
 
 Only public names of the package are used, so that the benchmark survives a refactor.
 """
@@ -96,13 +97,11 @@ def direct(snapshot: Snapshot) -> bytes:
     return text.encode()
 
 
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+def cpu_ms(fn: Callable[[], object]) -> float:
+    """CPU time of one call: on a shared machine, waiting for a core does not count."""
+    t = time.process_time()
+    fn()
+    return (time.process_time() - t) * 1000
 
 
 def samples(text: bytes) -> int:
@@ -110,17 +109,26 @@ def samples(text: bytes) -> int:
 
 
 def bench(n_workers: int, repeat: int) -> list[str]:
-    """Table rows for one cluster size: text, OpenMetrics, and both formats of one poll."""
+    """Table rows for one cluster size: text, OpenMetrics, and both formats of one poll.
+
+    The three renderings take turns in each round, so that a burst of load on the machine
+    hits all of them rather than one; each figure is the median over the rounds.
+    """
     snap = make_snapshot(n_workers)
-    direct_ms = median_ms(lambda: direct(snap), repeat)
     worker_samples = samples(direct(snap))
-    ref_ms = {om: median_ms(partial(reference, snap, om), repeat) for om in (False, True)}
+    runs: dict[str, list[float]] = {"direct": [], "text": [], "openmetrics": []}
+    for _ in range(repeat):
+        runs["direct"].append(cpu_ms(partial(direct, snap)))
+        runs["text"].append(cpu_ms(partial(reference, snap, False)))
+        runs["openmetrics"].append(cpu_ms(partial(reference, snap, True)))
+    mine = statistics.median(runs["direct"])
+    text, om = statistics.median(runs["text"]), statistics.median(runs["openmetrics"])
     rows = []
-    for label, ref, mine in (
-        ("text", ref_ms[False], direct_ms),
-        ("OpenMetrics", ref_ms[True], direct_ms),
+    for label, ref in (
+        ("text", text),
+        ("OpenMetrics", om),
         # The direct output serves both formats; prometheus_client renders each one.
-        ("both (one poll)", ref_ms[False] + ref_ms[True], direct_ms),
+        ("both (one poll)", text + om),
     ):
         rows.append(
             f"| {n_workers:,} | {worker_samples:,} | {label} | {ref:.0f} ms | {mine:.1f} ms "
@@ -135,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=7, help="repetitions (median is shown)")
     args = parser.parse_args(argv)
     print(
-        "| workers | worker samples | format | prometheus_client generate_latest "
-        "| write_worker_families | speed-up |"
+        "| workers | worker samples | format | prometheus_client generate_latest (CPU) "
+        "| write_worker_families (CPU) | speed-up |"
     )
     print("|---|---|---|---|---|---|")
     for n_workers in args.workers:
