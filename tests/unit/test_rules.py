@@ -168,9 +168,9 @@ def _groups(text: str) -> list[dict[str, Any]]:
 
 def test_short_config_reaches_the_evaluated_rules(tmp_path: Path) -> None:
     """promtool evaluates the rules generated from SHORT: its selector keeps another job and
-    another namespace out, its ``for:`` durations and pause horizon are the ones that apply,
-    its extra label is on the alerts, and cluster totals group by its cluster label. Every
-    worker has its four threshold series, so the threshold joins must ignore that label."""
+    another namespace out, its ``for:`` durations, pause window and horizon are the ones that
+    apply, its extra label is on the alerts, and cluster totals group by its cluster label.
+    Every worker has its four threshold series, so the threshold joins must ignore that label."""
     files = render_files(SHORT)
     for name in (ALERTS_FILE, RECORDING_FILE):
         (tmp_path / name).write_text(files[name])
@@ -178,6 +178,7 @@ def test_short_config_reaches_the_evaluated_rules(tmp_path: Path) -> None:
     cluster = {"job": "dask", "namespace": "dask-a", "cluster": "c1"}
     full = {**cluster, **rule_cases.worker("full", 40001)}
     leaking = {**cluster, **rule_cases.worker("leaking", 40002)}
+    sudden = {**cluster, **rule_cases.worker("sudden", 40003)}
     steady = {"managed": "0x300", "paused": "0x300", "limit": "1e9x300"}
     high = {"process": "750e6x300", "unmanaged": "700e6x300", "recent": "50e6x300", **steady}
     inputs = [
@@ -193,8 +194,18 @@ def test_short_config_reaches_the_evaluated_rules(tmp_path: Path) -> None:
             recent="2e6x300",
             **steady,
         ),
+        # Flat, then growing 4e6/s from 100 s to 130 s: soon after the start only a short
+        # window (15 s) sees the whole rate; a longer one averages in the flat part.
+        *rule_cases.series(
+            sudden,
+            process="602e6x100 606e6+4e6x29 722e6x169",
+            unmanaged="600e6x100 604e6+4e6x29 720e6x169",
+            recent="2e6x300",
+            **steady,
+        ),
     ]
     no_data, predicted = "DaskWorkerMemoryHighNoDataToSpill", "DaskWorkerPausePredicted"
+    team = {"team": "data"}  # SHORT's alert_extra_labels
     process_sum = cluster_sum(names.WORKER_PROCESS_BYTES)
     case = {
         "name": "SHORT settings as evaluated",
@@ -202,18 +213,26 @@ def test_short_config_reaches_the_evaluated_rules(tmp_path: Path) -> None:
         "input_series": [dict(f) for f in inputs],
         "alert_rule_test": [
             rule_cases.check(no_data, "1s"),  # for: 2s
-            rule_cases.check(no_data, "5s", rule_cases.expect(no_data, full, "75%", rules)),
+            rule_cases.check(
+                no_data, "5s", rule_cases.expect(no_data, {**full, **team}, "75%", rules)
+            ),
+            # 18 s into the sudden growth: (674e6 + 60 s x 4e6/s) / 1e9 over a 15 s window
+            rule_cases.check(
+                predicted, "118s", rule_cases.expect(predicted, {**sudden, **team}, "91.4%", rules)
+            ),
             rule_cases.check(predicted, "200s"),  # pause 98 s away: beyond the 60 s horizon
             # (752e6 + 60 s x 1e6/s) / 1e9, 11 s after the prediction crossed 80%
             rule_cases.check(
-                predicted, "250s", rule_cases.expect(predicted, leaking, "81.2%", rules)
+                predicted, "250s", rule_cases.expect(predicted, {**leaking, **team}, "81.2%", rules)
             ),
         ],
         "promql_expr_test": [
             {
                 "expr": process_sum,
                 "eval_time": "5s",
-                "exp_samples": [rule_cases.sample(process_sum, {"cluster": "c1"}, 750e6 + 507e6)],
+                "exp_samples": [
+                    rule_cases.sample(process_sum, {"cluster": "c1"}, 750e6 + 507e6 + 602e6)
+                ],
             }
         ],
     }
