@@ -60,12 +60,17 @@ def worker(name: str, port: int, instance: str = INSTANCE) -> Labels:
 
 
 def selector(labels: Labels) -> str:
-    return "{" + ", ".join([f'job="{JOB}"'] + [f'{k}="{v}"' for k, v in labels.items()]) + "}"
+    """Braced selector of a series: ``job`` first (JOB unless ``labels`` has its own)."""
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in {"job": JOB, **labels}.items()) + "}"
 
 
-def render_annotations(alert: str, labels: Labels, value: str | None) -> Labels:
+def render_annotations(
+    alert: str, labels: Labels, value: str | None, rules: dict[str, Any] = RULES
+) -> Labels:
+    """The annotations of ``alert`` (from ``rules``, by default the committed rules) as
+    Prometheus renders them for an alert with ``labels`` and ``$value`` shown as ``value``."""
     out = {}
-    for key, text in RULES[alert]["annotations"].items():
+    for key, text in rules[alert]["annotations"].items():
         text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), text)
         if "$value" in text:
             assert value is not None, f"{alert} shows $value: give the expected text"
@@ -74,10 +79,13 @@ def render_annotations(alert: str, labels: Labels, value: str | None) -> Labels:
     return out
 
 
-def expect(alert: str, labels: Labels, value: str | None = None) -> dict[str, Any]:
-    """An expected firing alert; ``value`` is $value as its annotation renders it."""
-    full = {"job": JOB, **labels, "severity": RULES[alert]["labels"]["severity"]}
-    return {"exp_labels": full, "exp_annotations": render_annotations(alert, full, value)}
+def expect(
+    alert: str, labels: Labels, value: str | None = None, rules: dict[str, Any] = RULES
+) -> dict[str, Any]:
+    """An expected firing alert; ``value`` is $value as its annotation renders it. ``rules``
+    (alert name -> rule) defaults to the rules generated from MixinConfig defaults."""
+    full = {"job": JOB, **labels, **rules[alert]["labels"]}
+    return {"exp_labels": full, "exp_annotations": render_annotations(alert, full, value, rules)}
 
 
 def check(alert: str, at: str, *alerts: dict[str, Any]) -> dict[str, Any]:

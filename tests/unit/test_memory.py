@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from distributed.scheduler import MemoryState
 
 from dask_memory_exporter.memory import (
     MemoryBreakdown,
@@ -56,18 +57,32 @@ def test_clipping_keeps_invariant(
     assert (m.process, m.managed, m.unmanaged_old, m.unmanaged_recent) == expect
 
 
-def test_invariant_holds_for_random_inputs() -> None:
+def _parts(m: MemoryBreakdown | MemoryState) -> tuple[int, int, int, int, int]:
+    return (m.process, m.managed, m.unmanaged_old, m.unmanaged_recent, m.spilled)
+
+
+def _check_invariants(m: MemoryBreakdown) -> None:
+    assert min(_parts(m)) >= 0, m
+    assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process, m
+    assert m.unmanaged == m.unmanaged_old + m.unmanaged_recent, m
+
+
+def test_same_breakdown_as_dask_memory_state() -> None:
+    """For the inputs Dask sees (none negative), the breakdown is distributed's own
+    MemoryState, part for part; negative inputs, which MemoryState would let through,
+    still give parts that add up and none below zero."""
     rng = random.Random(42)
     for _ in range(5000):
-        m = MemoryBreakdown(
-            process=rng.randint(-10, 10**9),
-            managed=rng.randint(-10, 10**9),
-            unmanaged_old=rng.randint(-10, 10**9),
-            spilled=rng.randint(-10, 10**9),
-        )
-        parts = (m.managed, m.unmanaged_old, m.unmanaged_recent, m.spilled)
-        assert min(parts) >= 0
-        assert m.managed + m.unmanaged_old + m.unmanaged_recent == m.process
+        # Small or large scales, so that each clip (managed > process, old > the rest) happens.
+        scale = rng.choice([10**3, 10**9])
+        args = {
+            k: rng.randint(0, scale) for k in ("process", "managed", "unmanaged_old", "spilled")
+        }
+        m = MemoryBreakdown(**args)
+        assert _parts(m) == _parts(MemoryState(**args)), args
+        _check_invariants(m)
+        negative = {k: v - rng.randint(0, 2 * scale) for k, v in args.items()}
+        _check_invariants(MemoryBreakdown(**negative))
 
 
 def test_window_minimum_matches_scheduler_algorithm() -> None:
@@ -152,3 +167,53 @@ def test_process_override_lands_in_recent() -> None:
         80 * MiB,
         80 * MiB,
     )
+
+
+def test_model_over_random_polls_matches_the_scheduler() -> None:
+    """Random polls of a changing set of workers: heartbeats at irregular intervals, polls
+    that see the same heartbeat again, workers leaving and coming back, sidecar RSS overrides.
+    Each breakdown is what the scheduler would show: MemoryState of the heartbeat's figures
+    with unmanaged_old the minimum of that worker's distinct heartbeat samples in the window."""
+    rng = random.Random(11)
+    window = 30.0
+    model = MemoryModel(recent_to_old_time=window)
+    samples: dict[str, list[tuple[float, int]]] = {}
+    last: dict[str, WorkerReading] = {}
+    clock = {f"w{i}": 1000.0 for i in range(6)}
+    for _ in range(2000):
+        readings = {}
+        for addr in clock:
+            if rng.random() < 0.05:
+                continue  # absent from this poll: forgotten
+            if addr in samples and rng.random() < 0.3:
+                readings[addr] = last[addr]  # polled again before the next heartbeat
+                continue
+            clock[addr] += rng.choice([0.5, 1.0, 1.0, 2.0, 7.0, 31.0])
+            spilled_memory = rng.randint(0, 300) * MiB
+            readings[addr] = reading(
+                clock[addr],
+                rng.randint(0, 2000) * MiB,
+                managed_total=rng.randint(0, 1500) * MiB + spilled_memory,
+                spilled_memory=spilled_memory,
+                spilled_disk=rng.randint(0, 300) * MiB,
+            )
+        override = {a: rng.randint(0, 2000) * MiB for a in readings if rng.random() < 0.2}
+        out = model.update(readings, process_override=override)
+
+        for gone in samples.keys() - readings.keys():
+            del samples[gone]
+        assert set(out) == set(readings)
+        for addr, r in readings.items():
+            history = samples.setdefault(addr, [])
+            if not history or history[-1][0] != r.heartbeat_time:
+                history.append((r.heartbeat_time, r.unmanaged_sample))
+            last[addr] = r
+            expected = MemoryState(
+                process=override.get(addr, r.process),
+                managed=r.managed,
+                unmanaged_old=reference_old(history, window),
+                spilled=r.spilled_disk,
+            )
+            _check_invariants(out[addr])
+            assert _parts(out[addr]) == _parts(expected), (addr, r)
+    assert len(model) == len(samples)
