@@ -174,10 +174,9 @@ def _cell(metric: Metric, v: float | None) -> str:
 
 
 def _column(metric: Metric) -> str:
-    """A column heading from a family's name: its worker-specific part, MiB for bytes."""
-    text = metric.removeprefix("dask_memory_worker_").removesuffix("_" + metric.unit)
-    text = text.replace("_", " ")
-    return f"{text} MiB" if metric.unit == "bytes" else text
+    """A column heading from a family's declaration, MiB for bytes."""
+    title = metric.heading.lower()
+    return f"{title} MiB" if metric.unit == "bytes" else title
 
 
 async def landing(request: web.Request) -> web.Response:

@@ -71,6 +71,14 @@ class Metric(str):
         return str(self)
 
     @property
+    def heading(self) -> str:
+        """A heading for tables and panels: the name without namespace and unit."""
+        text = self.removeprefix("dask_memory_worker_").removeprefix("dask_memory_")
+        text = text.removesuffix("_" + self.unit) if self.unit else text
+        text = text.replace("_", " ")
+        return text[:1].upper() + text[1:]
+
+    @property
     def family(self) -> str:
         """The family name prometheus_client expects (without ``_total`` / ``_info``)."""
         if self.kind == "counter":

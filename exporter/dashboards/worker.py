@@ -9,6 +9,7 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
+from ..heartbeat import HEARTBEAT_GAUGES
 from ..mixin import MixinConfig
 from ..rules import duration_seconds
 from .panels import (
@@ -53,7 +54,8 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
     d = d.with_panel(
         stat_panel(
             "Process memory",
-            "The worker's RSS as its heartbeat reports it.",
+            "The worker's RSS: as its heartbeat reports it, or as read from the OS in the "
+            "sidecar modes.",
             "bytes",
             f"max({n.WORKER_PROCESS_BYTES}{ws})",
         )
@@ -205,4 +207,25 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
         .height(8)
         .span(8)
     )
+    return _heartbeat_row(d, ws)
+
+
+UNITS = {"bytes": "bytes", "seconds": "s", "ratio": "percentunit", "": "short"}
+"""Grafana's unit for each base unit a Metric may declare."""
+
+
+def _heartbeat_row(d: db.Dashboard, ws: str) -> db.Dashboard:
+    """One panel per gauge of ``heartbeat.HEARTBEAT_GAUGES``, built from its declaration
+    alone: a family added there shows here after ``generate dashboards``."""
+    if not HEARTBEAT_GAUGES:
+        return d
+    d = d.with_row(db.Row("Heartbeat figures"))
+    for g in HEARTBEAT_GAUGES:
+        m = g.metric
+        d = d.with_panel(
+            ts_panel(m.heading, m.help, UNITS[m.unit])
+            .with_target(target(f"{m}{ws}", "A", "{{" + n.LABEL_WORKER + "}}"))
+            .height(8)
+            .span(8)
+        )
     return d
