@@ -30,6 +30,13 @@ LABEL_REASON: Final = "reason"
 WORKER_LABELS: Final = (LABEL_WORKER, LABEL_WORKER_NAME)
 
 _UNITS = ("bytes", "seconds", "ratio", "")
+_DECLARED: dict[str, Metric] = {}
+
+
+def declared() -> tuple[Metric, ...]:
+    """Every metric declared so far: these and those of the source modules imported (the
+    app imports them all)."""
+    return tuple(_DECLARED.values())
 
 
 class Metric(str):
@@ -64,6 +71,8 @@ class Metric(str):
             raise ValueError(f"info metric {name} must end in _info")
         if unit not in _UNITS or (unit and not stem.endswith("_" + unit)):
             raise ValueError(f"{name}: unit {unit!r} must be a base unit that ends the name")
+        if _DECLARED.setdefault(name, self) is not self:
+            raise ValueError(f"{name} is declared twice")
         return self
 
     @property

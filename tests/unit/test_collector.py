@@ -23,7 +23,7 @@ MiB = 2**20
 THRESHOLDS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
 
 
-TASKS = worker_gauge("dask_memory_worker_test_tasks", "A plug-in family of the test.")
+TASKS = worker_gauge("dask_memory_worker_collector_test_tasks", "A plug-in family of the test.")
 
 
 def worker(

@@ -226,7 +226,9 @@ RECORDED = re.compile(r"\b([a-z_]+:[a-z_]+(?::[a-z0-9_]+)?)")
 
 
 def declared_metrics() -> set[str]:
-    return {v for k, v in vars(n).items() if k.isupper() and isinstance(v, str)}
+    import dask_memory_exporter.app  # noqa: F401  (every source module, and its metrics)
+
+    return set(n.declared())
 
 
 def recorded_reads(exprs_: list[str]) -> set[str]:

@@ -26,7 +26,7 @@ from tests.support.live import parse
 
 MiB = 2**20
 A, B = "tcp://10.0.0.5:40001", "tcp://10.0.0.7:40001"
-TASKS = worker_gauge("dask_memory_worker_test_tasks", "A plug-in family of the test.")
+TASKS = worker_gauge("dask_memory_worker_poller_test_tasks", "A plug-in family of the test.")
 
 
 def info(address: str, process: int = 100 * MiB) -> WorkerInfo:
