@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .names import Metric
+from .names import Metric, worker_gauge
 
-__all__ = ["HEARTBEAT_GAUGES", "HeartbeatGauge", "read_heartbeat"]
+__all__ = ["HEARTBEAT_GAUGES", "WORKER_EXECUTING_TASKS", "HeartbeatGauge", "read_heartbeat"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,16 @@ class HeartbeatGauge:
     """Returns the raw value; a KeyError, TypeError or non-number means "not reported"."""
 
 
-HEARTBEAT_GAUGES: tuple[HeartbeatGauge, ...] = ()
+WORKER_EXECUTING_TASKS = worker_gauge(
+    "dask_memory_worker_executing_tasks",
+    "Tasks executing on the worker at its last heartbeat: their working memory is the "
+    "task heap, unmanaged until they finish.",
+)
+
+HEARTBEAT_GAUGES: tuple[HeartbeatGauge, ...] = (
+    # task_counts counts the worker's tasks by state; a state with no task is absent: 0.
+    HeartbeatGauge(WORKER_EXECUTING_TASKS, lambda m: m["task_counts"].get("executing", 0)),
+)
 
 
 def read_heartbeat(
