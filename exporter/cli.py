@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import types
@@ -19,8 +18,6 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
-from aiohttp import web
 
 from .config import ConfigError, Settings, load_settings
 from .mixin import MixinConfig
@@ -64,6 +61,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     add("--tls-ca-file", help="CA certificate for a tls:// scheduler")
     add("--tls-cert", help="client certificate for a tls:// scheduler")
     add("--tls-key", help="client key for a tls:// scheduler")
+    add("--http-max-connections", type=int, help="most HTTP connections at once (default: 512)")
+    add("--http-idle-timeout", help="close connections idle or half-sent this long (default: 15s)")
+    add("--web.config.file", dest="web_config_file", help="TLS/basic-auth web config (YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,26 +183,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import make_app
+    from .server import serve
 
-    app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
-    try:
-        await site.start()
-        logger.info(
-            "dask-memory-exporter serving on http://%s:%s/metrics (scheduler %s, mode %s)",
-            settings.listen_host,
-            settings.listen_port,
-            settings.scheduler,
-            settings.mode,
-        )
-        if os.geteuid() == 0:
-            logger.warning("running as root is not needed; run as an unprivileged user")
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
+    await serve(settings, wait_for_signal)
 
 
 async def wait_for_signal() -> None:

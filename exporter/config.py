@@ -95,8 +95,32 @@ class Settings(BaseSettings):
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    http_max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Most HTTP connections open at once; at the limit the oldest idle one is "
+        "closed (capped to the open-file limit minus 64)",
+    )
+    http_idle_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a connection may stay open without a complete request (idle, "
+        "half-sent or slow headers) before it is closed",
+    )
+    web_config_file: str | None = Field(
+        default=None,
+        description="Exporter-toolkit web configuration file (TLS, basic auth), the format "
+        "node_exporter's --web.config.file reads",
+    )
 
-    @field_validator("poll_interval", "timeout", "max_backoff", "recent_to_old_time", mode="before")
+    @field_validator(
+        "poll_interval",
+        "timeout",
+        "max_backoff",
+        "recent_to_old_time",
+        "http_idle_timeout",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, v: object) -> object:
         """Accept Dask-style durations such as ``30s`` or ``500ms`` as well as numbers."""
