@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
 
 from .collector import (
     OPENMETRICS_CONTENT_TYPE,
@@ -27,6 +26,7 @@ from .collector import (
 from .config import Settings
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL
+from .negotiation import wants_gzip, wants_openmetrics
 from .process import LocalProcessSource
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
@@ -35,6 +35,12 @@ __all__ = ["ExporterState", "make_app"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
+# The landing page has no script and no external resource: only its inline <style>.
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
@@ -116,22 +122,25 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers on every response: name/version, no MIME sniffing, a strict CSP on HTML."""
     response.headers["Server"] = SERVER_HEADER
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.content_type == "text/html":
+        response.headers["Content-Security-Policy"] = CSP
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Cached exposition; OpenMetrics when asked for, gzip when accepted."""
+    """Cached exposition; OpenMetrics when preferred, gzip when accepted (q-values honoured)."""
     expo = request.app[STATE].exposition
-    _, content_type = choose_encoder(request.headers.get("Accept", ""))
-    openmetrics = content_type.startswith("application/openmetrics-text")
-    gz = "gzip" in request.headers.get("Accept-Encoding", "")
+    openmetrics = wants_openmetrics(request.headers.get("Accept"))
+    gz = wants_gzip(request.headers.get("Accept-Encoding"))
     if openmetrics:
         body = expo.openmetrics_gzip if gz else expo.openmetrics
         ctype = OPENMETRICS_CONTENT_TYPE
     else:
         body = expo.text_gzip if gz else expo.text
         ctype = TEXT_CONTENT_TYPE
-    resp = web.Response(body=body, headers={"Content-Type": ctype})
+    resp = web.Response(body=body, headers={"Content-Type": ctype, "Vary": VARY})
     if gz:
         resp.headers["Content-Encoding"] = "gzip"
     return resp
