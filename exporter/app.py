@@ -13,7 +13,7 @@ import contextlib
 import html
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -30,6 +30,7 @@ from .negotiation import wants_gzip, wants_openmetrics
 from .process import LocalProcessSource
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
+from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
 __all__ = ["ExporterState", "make_app"]
 
@@ -70,6 +71,7 @@ class ExporterState:
 
 
 STATE = web.AppKey("state", ExporterState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_poller(settings: Settings, state: ExporterState) -> Poller:
@@ -99,7 +101,7 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
 
 def make_app(settings: Settings) -> web.Application:
     """Build the aiohttp application; polling starts when the app starts."""
-    app = web.Application()
+    app = web.Application(middlewares=[_basic_auth])
     state = ExporterState(settings)
     app[STATE] = state
     app.router.add_get("/", landing)
@@ -119,6 +121,24 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@web.middleware
+async def _basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Basic auth from the web configuration file, if it names users; probes are exempt."""
+    watcher = request.app.get(WEB_CONFIG)
+    if (
+        watcher is None
+        or not watcher.auth_required
+        or request.path in UNAUTHENTICATED_PATHS
+        or await watcher.authorized(request.headers.get("Authorization"))
+    ):
+        return await handler(request)
+    return web.Response(
+        status=401,
+        text="401 Unauthorized\n",
+        headers={"WWW-Authenticate": www_authenticate()},
+    )
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

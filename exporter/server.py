@@ -41,6 +41,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import ConfigError, Settings
+from .webconfig import CHECK_INTERVAL, WEB_CONFIG, WebConfigWatcher, load_web_config
 
 __all__ = [
     "ConnectionGuard",
@@ -250,6 +251,10 @@ class GuardedSite(web.TCPSite):
         self.handshake_timeout = handshake_timeout
         self.guard: ConnectionGuard | None = None
 
+    @property
+    def host(self) -> str:
+        return str(self._host)
+
     async def start(self) -> None:
         self._runner._reg_site(self)  # what BaseSite.start does; TCPSite.start is replaced
         server = self._runner.server
@@ -268,18 +273,24 @@ class GuardedSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
-async def serve(
-    settings: Settings,
-    until: Callable[[], Awaitable[None]],
-    ssl_context: ssl.SSLContext | None = None,
-) -> None:
-    """Serve the app with the limits above until ``until()`` returns."""
+async def serve(settings: Settings, until: Callable[[], Awaitable[None]]) -> None:
+    """Serve the app with the limits above until ``until()`` returns.
+
+    With a web configuration file: TLS and basic auth from it, checked for changes every
+    second; a change of the TLS part reopens the listener with the new context.
+    """
     from .app import make_app
 
+    watcher = None
+    if settings.web_config_file:
+        watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
+    ssl_context = watcher.current.tls if watcher else None
     install_log_limits()
     nofile = raise_nofile_limit()
     limit = connection_cap(settings.http_max_connections, nofile)
     app = make_app(settings)
+    if watcher is not None:
+        app[WEB_CONFIG] = watcher
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -316,9 +327,47 @@ async def serve(
         )
         if os.geteuid() == 0:
             logger.warning("running as root is not needed; run as an unprivileged user")
-        await until()
+        if watcher is None:
+            await until()
+            return
+        reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
+        try:
+            await until()
+        finally:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
     finally:
         await runner.cleanup()
+
+
+async def _reload_web_config(
+    watcher: WebConfigWatcher, site: GuardedSite, runner: web.AppRunner
+) -> None:
+    """Apply changes of the web configuration file; reopen the listener when TLS changed."""
+    while True:
+        await asyncio.sleep(CHECK_INTERVAL)
+        old_signature = watcher.current.tls_signature
+        new = watcher.check()
+        if new is None or new.tls_signature == old_signature:
+            continue
+        replacement = GuardedSite(
+            runner,
+            site.host,
+            site.port,
+            limit=site.limit,
+            ssl_context=new.tls,
+            handshake_timeout=site.handshake_timeout,
+        )
+        await site.stop()
+        try:
+            await replacement.start()
+        except OSError as e:
+            logger.error("cannot reopen the listener with the new TLS configuration: %s", e)
+            await site.start()
+            continue
+        site = replacement
+        logger.info("listener reopened with the new TLS configuration")
 
 
 def _listen_error(listen: str, e: OSError) -> str:
