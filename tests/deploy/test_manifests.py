@@ -415,8 +415,10 @@ def test_web_config_component(name: str) -> None:
     auth = secrets["dask-memory-exporter-scrape-auth"]["stringData"]
     hashed = web_config["basic_auth_users"][auth["username"]]
     assert bcrypt.checkpw(auth["password"].encode(), hashed.encode())
-    for monitor in _find(objs, "PodMonitor"):
-        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    endpoints = [e for m in _find(objs, "PodMonitor") for e in m["spec"]["podMetricsEndpoints"]]
+    endpoints += [e for m in _find(objs, "ServiceMonitor") for e in m["spec"]["endpoints"]]
+    assert len(endpoints) == 1
+    for endpoint in endpoints:
         assert endpoint["scheme"] == "https"
         assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == files[tls["cert_file"]][0]
         for part in ("username", "password"):
