@@ -32,6 +32,7 @@ import re
 import resource
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,6 +214,7 @@ class ProbeResult:
     answered: int = 0
     failed: int = 0
     worst_latency_s: float = 0.0
+    median_latency_s: float = 0.0
     statuses: dict[int, int] = field(default_factory=dict)
 
 
@@ -221,6 +223,7 @@ def probe(base_url: str, duration: float, interval: float = 0.1) -> ProbeResult:
     result = ProbeResult()
     deadline = time.monotonic() + duration
     paths = ("/metrics", "/healthz")
+    latencies = []
     i = 0
     while time.monotonic() < deadline:
         t0 = time.monotonic()
@@ -231,9 +234,12 @@ def probe(base_url: str, duration: float, interval: float = 0.1) -> ProbeResult:
         if status == 200:
             result.answered += 1
             result.worst_latency_s = max(result.worst_latency_s, dt)
+            latencies.append(dt)
         else:
             result.failed += 1
         time.sleep(interval)
+    if latencies:
+        result.median_latency_s = statistics.median(latencies)
     return result
 
 
@@ -326,14 +332,16 @@ def _markdown(r: Report) -> str:
         for k, v in r.hostile_statuses.items()
     )
     return f"""<!-- http-abuse:start -->
-Measured {when} with `.venv/bin/python -m benchmarks.http_abuse` ({r.machine}); the exporter's
-open-file limit {r.nofile} (soft and hard), {r.idle} idle and {r.half_sent} half-sent
-connections held {r.hold_s:g} s, `/metrics` and `/healthz` asked every 0.1 s meanwhile.
+Measured {when} with `.venv/bin/python -m benchmarks.http_abuse`
+({r.machine}, shared with other jobs): the exporter's open-file limit {r.nofile} (soft and
+hard), {r.idle} idle and {r.half_sent} half-sent connections held {r.hold_s:g} s, `/metrics`
+and `/healthz` asked every 0.1 s meanwhile (5 s timeout each).
 
 | figure | value |
 | --- | --- |
 | scrapes answered during the flood | {r.probe.answered} of {r.probe.answered + r.probe.failed} |
-| worst scrape latency during the flood | {r.probe.worst_latency_s * 1000:.0f} ms |
+| median / worst scrape latency during the flood | \
+{r.probe.median_latency_s * 1000:.0f} ms / {r.probe.worst_latency_s * 1000:.0f} ms |
 | exporter CPU during the flood | {r.cpu_s:.2f} s in {r.hold_s:g} s |
 | log lines written during the flood | {r.log_lines_flood} |
 | flood connections closed by the server {r.hold_s + 6:g} s after the flood began |\
