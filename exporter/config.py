@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         default=512,
         ge=1,
         description="Most HTTP connections open at once; at the limit the oldest idle one is "
-        "closed (capped to the open-file limit minus 64)",
+        "closed (capped to the open-file limit minus 192)",
     )
     http_idle_timeout: float = Field(
         default=15.0,
