@@ -13,10 +13,9 @@ import contextlib
 import html
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
 
 from .collector import (
     OPENMETRICS_CONTENT_TYPE,
@@ -27,15 +26,23 @@ from .collector import (
 from .config import Settings
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
+from .negotiation import wants_gzip, wants_openmetrics
 from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 from .source import Source
+from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
 __all__ = ["ExporterState", "make_app"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
+# The landing page has no script and no external resource: only its inline <style>.
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
@@ -65,6 +72,7 @@ class ExporterState:
 
 
 STATE = web.AppKey("state", ExporterState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_poller(settings: Settings, state: ExporterState) -> Poller:
@@ -94,7 +102,7 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
 
 def make_app(settings: Settings) -> web.Application:
     """Build the aiohttp application; polling starts when the app starts."""
-    app = web.Application()
+    app = web.Application(middlewares=[_basic_auth])
     state = ExporterState(settings)
     app[STATE] = state
     app.router.add_get("/", landing)
@@ -116,23 +124,44 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+@web.middleware
+async def _basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Basic auth from the web configuration file, if it names users; probes are exempt."""
+    watcher = request.app.get(WEB_CONFIG)
+    if (
+        watcher is None
+        or not watcher.auth_required
+        or request.path in UNAUTHENTICATED_PATHS
+        or await watcher.authorized(request.headers.get("Authorization"))
+    ):
+        return await handler(request)
+    return web.Response(
+        status=401,
+        text="401 Unauthorized\n",
+        headers={"WWW-Authenticate": www_authenticate()},
+    )
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers on every response: name/version, no MIME sniffing, a strict CSP on HTML."""
     response.headers["Server"] = SERVER_HEADER
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.content_type == "text/html":
+        response.headers["Content-Security-Policy"] = CSP
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Cached exposition; OpenMetrics when asked for, gzip when accepted."""
+    """Cached exposition; OpenMetrics when preferred, gzip when accepted (q-values honoured)."""
     expo = request.app[STATE].exposition
-    _, content_type = choose_encoder(request.headers.get("Accept", ""))
-    openmetrics = content_type.startswith("application/openmetrics-text")
-    gz = "gzip" in request.headers.get("Accept-Encoding", "")
+    openmetrics = wants_openmetrics(request.headers.get("Accept"))
+    gz = wants_gzip(request.headers.get("Accept-Encoding"))
     if openmetrics:
         body = expo.openmetrics_gzip if gz else expo.openmetrics
         ctype = OPENMETRICS_CONTENT_TYPE
     else:
         body = expo.text_gzip if gz else expo.text
         ctype = TEXT_CONTENT_TYPE
-    resp = web.Response(body=body, headers={"Content-Type": ctype})
+    resp = web.Response(body=body, headers={"Content-Type": ctype, "Vary": VARY})
     if gz:
         resp.headers["Content-Encoding"] = "gzip"
     return resp

@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import importlib
 import logging
-import os
 import signal
 import sys
 import types
@@ -20,8 +19,6 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
-from aiohttp import web
 
 from .config import LOG_LEVELS, ConfigError, Settings, add_settings_options, load_settings
 from .mixin import MixinConfig
@@ -227,26 +224,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import make_app
+    from .server import serve
 
-    app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
-    try:
-        await site.start()
-        logger.info(
-            "dask-memory-exporter serving on http://%s:%s/metrics (scheduler %s, mode %s)",
-            settings.listen_host,
-            settings.listen_port,
-            settings.scheduler,
-            settings.mode,
-        )
-        if os.geteuid() == 0:
-            logger.warning("running as root is not needed; run as an unprivileged user")
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
+    await serve(settings, wait_for_signal)
 
 
 async def wait_for_signal() -> None:

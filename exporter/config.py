@@ -189,6 +189,23 @@ class Settings(BaseSettings):
         default=None, description="client certificate for a tls:// scheduler"
     )
     tls_key: str | None = Field(default=None, description="client key for a tls:// scheduler")
+    http_max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="most HTTP connections open at once; at the limit the oldest idle one is "
+        "closed (capped to the open-file limit minus 192)",
+    )
+    http_idle_timeout: Duration = Field(
+        default=15.0,
+        gt=0,
+        description="time a connection may stay open without a complete request (idle, "
+        "half-sent or slow headers) before it is closed",
+    )
+    web_config_file: str | None = Field(
+        default=None,
+        description="exporter-toolkit web configuration file (TLS, basic auth), the format "
+        "node_exporter's --web.config.file reads; also spelt --web.config.file",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -274,7 +291,12 @@ def add_settings_options(parser: argparse.ArgumentParser) -> CliSettingsSource[S
 _DEFAULT_NOTE = re.compile(r"\(default(?: factory)?: [^)]*\)")
 
 
+# Spellings other exporters use for the same option, accepted as well.
+_ALIASES = {"web_config_file": ("--web.config.file",)}
+
+
 def _add_option(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> argparse.Action:
+    names = (*names, *_ALIASES.get(kwargs.get("dest", ""), ()))
     field = Settings.model_fields.get(kwargs.get("dest", ""))
     if field is not None:
         note = f"(default: {shown_default(field)})".replace("%", "%%")

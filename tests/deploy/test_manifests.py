@@ -10,15 +10,18 @@ docs/resources.md, the job label the alerts select, shareProcessNamespace for lo
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import jsonschema
 import pytest
 import yaml
@@ -33,7 +36,9 @@ BIN = Path(sys.executable).parent
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")  # oldest and newest schemas kubernetes-validate has
 
 OVERLAYS = sorted(p.parent.name for p in (KUBE / "overlays").glob("*/kustomization.yaml"))
-RENDERINGS = [*OVERLAYS, "helm-post-render"]
+# An overlay plus optional components, composed in a scratch kustomization ("A+B").
+COMPOSED = ["scheduler-sidecar+web-config", "servicemonitor+web-config"]
+RENDERINGS = [*OVERLAYS, "helm-post-render", *COMPOSED]
 SIDECAR = "memory-exporter"
 SIDECAR_LABEL = "dask-memory-exporter/sidecar"
 PORT_NAME = "memory-metrics"
@@ -82,6 +87,8 @@ def _render(name: str) -> str:
             timeout=60,
             check=False,
         )
+    elif "+" in name:
+        return _render_composed(kubectl, name)
     else:
         proc = subprocess.run(
             [kubectl, "kustomize", str(KUBE / "overlays" / name)],
@@ -89,6 +96,29 @@ def _render(name: str) -> str:
             text=True,
             timeout=60,
             check=False,
+        )
+    assert proc.returncode == 0, f"{name} does not render:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _render_composed(kubectl: str, name: str) -> str:
+    """``overlay+component+...``: the overlay with extra components, as a user would add them."""
+    overlay, *components = name.split("+")
+    with tempfile.TemporaryDirectory(prefix="kustomize-") as tmp:
+        # kustomize accepts only relative paths to other kustomization directories.
+        rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
+        (Path(tmp) / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [rel(KUBE / "overlays" / overlay)],
+                    "components": [rel(KUBE / "components" / c) for c in components],
+                }
+            )
+        )
+        proc = subprocess.run(
+            [kubectl, "kustomize", tmp], capture_output=True, text=True, timeout=60, check=False
         )
     assert proc.returncode == 0, f"{name} does not render:\n{proc.stderr}"
     return proc.stdout
@@ -354,6 +384,46 @@ def test_worker_sidecar_sees_the_worker_processes() -> None:
     (cm_ref,) = [e["configMapRef"]["name"] for e in c["envFrom"]]
     (cm,) = [o for o in _find(objs, "ConfigMap") if o["metadata"]["name"] == cm_ref]
     assert cm["data"]["DASK_MEMORY_EXPORTER_SCHEDULER"] == "tcp://dask-scheduler:8786"
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+def test_web_config_component(name: str) -> None:
+    """TLS and basic auth: the file is mounted, probes use HTTPS, Prometheus authenticates."""
+    objs = _objects(name)
+    secrets = {o["metadata"]["name"]: o for o in _find(objs, "Secret")}
+    (exporter,) = _exporters(objs)
+    _owner, _meta, spec, c = exporter
+    path = _env(c)["DASK_MEMORY_EXPORTER_WEB_CONFIG_FILE"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "memory-exporter-web-config"]
+    assert Path(path).parent == Path(mounts[volume["name"]])
+    files = {
+        item["path"]: (src["secret"]["name"], item["key"])
+        for src in volume["projected"]["sources"]
+        for item in src["secret"]["items"]
+    }
+    # The exporter runs as 10001 and the projected files are root's: readable by others.
+    assert volume["projected"]["defaultMode"] & 0o004
+    secret_name, key = files[Path(path).name]
+    web_config = yaml.safe_load(secrets[secret_name]["stringData"][key])
+    tls = web_config["tls_server_config"]
+    assert tls["cert_file"] in files and tls["key_file"] in files
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS"
+        assert c[probe]["httpGet"]["path"] in ("/healthz", "/readyz")  # exempt from auth
+    # Prometheus' credentials match a user of the web config (bcrypt).
+    auth = secrets["dask-memory-exporter-scrape-auth"]["stringData"]
+    hashed = web_config["basic_auth_users"][auth["username"]]
+    assert bcrypt.checkpw(auth["password"].encode(), hashed.encode())
+    endpoints = [e for m in _find(objs, "PodMonitor") for e in m["spec"]["podMetricsEndpoints"]]
+    endpoints += [e for m in _find(objs, "ServiceMonitor") for e in m["spec"]["endpoints"]]
+    assert len(endpoints) == 1
+    for endpoint in endpoints:
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == files[tls["cert_file"]][0]
+        for part in ("username", "password"):
+            ref = endpoint["basicAuth"][part]
+            assert ref["key"] in secrets[ref["name"]]["stringData"]
 
 
 def test_helm_post_render_patches_only_the_scheduler() -> None:

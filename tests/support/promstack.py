@@ -372,6 +372,7 @@ def prometheus_config(
     alertmanager_url: str | None,
     job: str,
     target_labels: Mapping[str, str] | None = None,
+    extra_scrape_configs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The prometheus.yml for :func:`run_prometheus` (one job, targets grouped by path)."""
     by_path: dict[tuple[str, str], list[str]] = {}
@@ -399,7 +400,7 @@ def prometheus_config(
             "evaluation_interval": evaluation_interval,
         },
         "rule_files": list(rule_files),
-        "scrape_configs": scrape_configs,
+        "scrape_configs": [*scrape_configs, *map(dict, extra_scrape_configs)],
     }
     if alertmanager_url:
         scheme, netloc, path = _target_of(alertmanager_url)
@@ -422,6 +423,7 @@ def run_prometheus(
     target_labels: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout: float = 30,
+    extra_scrape_configs: Sequence[Mapping[str, Any]] = (),
 ) -> Iterator[Prometheus]:
     """Run Prometheus on 127.0.0.1:<free port>; stop it and delete its data on exit.
 
@@ -430,6 +432,8 @@ def run_prometheus(
     ``rule_files`` are paths; ``rule_texts`` maps file names to rule-file text (for instance
     ``exporter.rules.render_files(config)``; non-rule files such as a PrometheusRule manifest
     are skipped). ``alertmanager_url`` is the Alertmanager's base URL.
+    ``extra_scrape_configs`` are appended as written (e.g. jobs with ``tls_config`` and
+    ``basic_auth``).
     """
     with tempfile.TemporaryDirectory(prefix="promstack-prometheus-") as tmp:
         workdir = Path(tmp)
@@ -450,6 +454,7 @@ def run_prometheus(
             alertmanager_url,
             job,
             target_labels,
+            extra_scrape_configs,
         )
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 

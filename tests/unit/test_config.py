@@ -39,6 +39,9 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "tls_ca_file": ("/certs/ca.pem", "/certs/ca.pem"),
     "tls_cert": ("/certs/cert.pem", "/certs/cert.pem"),
     "tls_key": ("/certs/key.pem", "/certs/key.pem"),
+    "http_max_connections": ("64", 64),
+    "http_idle_timeout": ("2s", 2.0),
+    "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
 }
 
 
