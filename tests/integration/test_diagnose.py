@@ -16,11 +16,13 @@ by value. The command itself runs as a subprocess, as a user would run it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -224,11 +226,18 @@ async def test_each_worker_gets_its_verdict_in_json_and_table(live: Live) -> Non
     assert rows["garbage"][-2] == "65536"
 
 
-async def test_one_worker_by_name(live: Live) -> None:
-    run = await _in_thread(diagnose, live, "--json", "--sample-time", "0", "--worker", "leak")
+async def test_one_worker_by_name_with_a_task_executing(live: Live) -> None:
+    # time.sleep travels by reference to the stdlib: no import of this module on the worker.
+    sleeping = live.client.submit(time.sleep, 5, workers=[live.address("leak")], pure=False)
+    try:
+        while not live.cluster.scheduler.workers[live.address("leak")].processing:
+            await asyncio.sleep(0.05)
+        run = await _in_thread(diagnose, live, "--json", "--sample-time", "0", "--worker", "leak")
+    finally:
+        await live.client.cancel(sleeping)
     assert run.returncode == 0, run.stderr
     [only] = json.loads(run.stdout)["workers"]
-    assert (only["name"], only["verdict"]) == ("leak", "leak")
+    assert (only["name"], only["verdict"], only["executing_tasks"]) == ("leak", "leak", 1)
 
 
 async def test_unknown_worker_is_one_line_and_exit_2(live: Live) -> None:
@@ -270,6 +279,4 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 
 async def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import asyncio
-
     return await asyncio.to_thread(fn, *args, **kwargs)

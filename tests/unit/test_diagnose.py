@@ -6,6 +6,7 @@ import ast
 import gc
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -262,6 +263,15 @@ def test_progress_only_on_a_terminal() -> None:
     p.show("x")
     p.done()
     assert out.getvalue() == ""
+
+    master, slave = os.openpty()  # a real terminal
+    with os.fdopen(slave, "w") as tty:
+        p = Progress(tty)
+        p.show("diagnosing 3 worker(s): 1 done")
+        p.done()
+    shown = os.read(master, 4096)
+    os.close(master)
+    assert b"\rdiagnosing 3 worker(s): 1 done" in shown.replace(b"\x1b[K", b"")
 
 
 # --- the worker actions, run in this process ------------------------------------------------
