@@ -11,17 +11,20 @@ For each selected worker, in this order:
    a probable leak, each with the next step.
 
 Unmanaged *old* is what stayed over a window. The scheduler keeps its own minimum over
-``recent-to-old-time`` (30 s) but exposes it only in ``WorkerState.memory``, which no handler
-an outside client may call returns (``run_on_scheduler`` would run code on the scheduler and
-``dump_state`` dumps every task). So, as the exporter does, we mirror the scheduler's sliding
-minimum from heartbeats, over ``--sample-time`` (5 s by default): "old" here means "stayed over
-the sampled seconds", an upper bound of the scheduler's figure that equals it for memory that
-has been there longer than the window, which is what a diagnosis after an alert looks at.
+``recent-to-old-time`` (30 s) in ``WorkerState.memory``, but only ``run_on_scheduler`` (code run
+on the scheduler) and the debugging ``dump_state`` (every task, not type stable) return it. So,
+as the exporter does, we mirror the scheduler's sliding minimum from heartbeats, over
+``--sample-time`` (5 s by default): "old" here is the minimum over the sampled seconds. That is
+never below the scheduler's figure and equals it when unmanaged memory did not dip during the
+scheduler's longer window: memory that stays, which is what a diagnosis after an alert is
+about. ``--sample-time 30s`` samples Dask's whole window.
 
 This module is the client side: it may import the rest of the package. The worker side lives
-in ``worker_actions.py``, which may not. Remediation (part 3 of issue 10) reuses
-``assess``-free pieces: ``run_action`` with ``worker_actions.collect_garbage`` or
-``trim_allocator`` on one worker.
+in ``worker_actions.py``, which may not. The actions are per worker and independent
+(``collect_garbage`` and ``trim_allocator`` each report RSS before and after), so remediation
+can run just one of them on one worker. ``run_action`` runs one through a ``Client``; ``serve``
+never holds a Client, and can send the same function through its scheduler ``rpc``'s
+``broadcast`` handler, which is what ``Client.run`` does underneath.
 """
 
 from __future__ import annotations
@@ -352,10 +355,6 @@ def select_workers(poll: SchedulerPoll, wanted: Sequence[str]) -> list[WorkerInf
     return list(picked.values())
 
 
-def _wanted(info: WorkerInfo, wanted: Sequence[str]) -> bool:
-    return not wanted or info.name in wanted or info.address in wanted
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One worker's row: facts and findings, or the error that prevented them."""
@@ -526,10 +525,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sample-time",
         default="5s",
-        help="how long to sample heartbeats for unmanaged old/recent (default: 5s)",
+        help="how long to sample heartbeats for unmanaged old/recent; 0: one sample, so "
+        "everything counts as old (default: 5s)",
     )
     p.add_argument(
-        "--timeout", default="10s", help="for connecting and for each worker's actions (10s)"
+        "--timeout",
+        default="10s",
+        help="time allowed to connect, and for each worker's actions (default: 10s)",
     )
     for opt in ("tls-ca-file", "tls-cert", "tls-key"):
         p.add_argument(f"--{opt}", help=f"{opt.replace('-', ' ')} for a tls:// scheduler")
@@ -587,13 +589,18 @@ async def _diagnose(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
 
         try:  # fail fast on a typo, before sampling
-            select_workers(decode_identity(await identity()), args.worker)
+            selected = select_workers(decode_identity(await identity()), args.worker)
         except ValueError as e:
             progress.done()
             raise DiagnoseUsageError(str(e)) from None
         poll, memory = await sample_memory(identity, sample_time, progress=progress)
-        workers = [w for w in select_workers(poll, ()) if _wanted(w, args.worker)]
+        workers = [poll.workers[w.address] for w in selected if w.address in poll.workers]
         outcomes = await diagnose_workers(client, workers, memory, settings.timeout, progress)
+        outcomes += [
+            Outcome(w, None, [], "left the cluster while heartbeats were sampled")
+            for w in selected
+            if w.address not in poll.workers
+        ]
     finally:
         await client.close()
     if args.json:
