@@ -22,7 +22,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,13 +29,13 @@ import cloudpickle
 import dask.config
 import pytest
 import pytest_asyncio
-from distributed import Client, LocalCluster
+from distributed import Client, Event, LocalCluster
 
 from dask_memory_exporter import worker_actions
 from dask_memory_exporter.demo import wait_for_workers
 from tests.support.promstack import free_port
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
 MiB = 2**20
 LIMIT = 800 * MiB
@@ -227,14 +226,17 @@ async def test_each_worker_gets_its_verdict_in_json_and_table(live: Live) -> Non
 
 
 async def test_one_worker_by_name_with_a_task_executing(live: Live) -> None:
-    # time.sleep travels by reference to the stdlib: no import of this module on the worker.
-    sleeping = live.client.submit(time.sleep, 5, workers=[live.address("leak")], pure=False)
+    # A task that waits for an Event until the diagnosis is done. Event.wait travels by
+    # reference to distributed: the worker never imports this test module.
+    release = Event("diagnose-test-hold", client=live.client)
+    held = live.client.submit(release.wait, workers=[live.address("leak")], pure=False)
     try:
         while not live.cluster.scheduler.workers[live.address("leak")].processing:
             await asyncio.sleep(0.05)
         run = await _in_thread(diagnose, live, "--json", "--sample-time", "0", "--worker", "leak")
     finally:
-        await live.client.cancel(sleeping)
+        await release.set()
+        await held
     assert run.returncode == 0, run.stderr
     [only] = json.loads(run.stdout)["workers"]
     assert (only["name"], only["verdict"], only["executing_tasks"]) == ("leak", "leak", 1)
