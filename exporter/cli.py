@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``demo`` and ``generate {rules,dashboards}``.
+"""Command line: ``serve``, ``demo``, ``generate {rules,dashboards}`` and ``diagnose``.
 
 Bad input (an unparsable address, an invalid option) is reported as one line on stderr with
 exit status 2; an unexpected failure is logged as one line with exit status 1. Neither prints
@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for option in GENERATE_OPTIONS:
         option.add_to(gen)
+    diagnose = sub.add_parser(
+        "diagnose",
+        help="run the unmanaged-memory playbook (gc, malloc_trim) on workers and give verdicts",
+    )
+    from .diagnose import add_arguments as add_diagnose_arguments
+
+    add_diagnose_arguments(diagnose)
     return parser
 
 
@@ -258,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "generate":
             return _generate(args)
+        if args.command == "diagnose":
+            from .diagnose import run_diagnose
+
+            return run_diagnose(args, PROG)
         if args.command == "demo":
             from .demo import run_demo
 
