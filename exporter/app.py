@@ -24,6 +24,7 @@ from .collector import (
     package_version,
 )
 from .config import Settings
+from .events import EventsSource
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
@@ -78,13 +79,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def make_poller(settings: Settings, state: ExporterState) -> Poller:
     """The Poller for these settings, publishing into ``state``.
 
-    Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
+    Mode ``scheduler``: the scheduler only (its roster, and its event log unless ``events``
+    is off). ``local``: the worker processes beside the
     exporter, joined with the scheduler's data when an address is given. ``both``: every
     worker the scheduler knows, with direct RSS for the local ones.
     """
     sources: list[Source] = []
     if settings.scheduler:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
+    if settings.scheduler and settings.events:
+        sources.append(
+            EventsSource(
+                settings.scheduler,
+                settings.security(),
+                settings.timeout,
+                log_length=settings.event_log_length,
+            )
+        )
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
         sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))

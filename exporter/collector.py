@@ -171,6 +171,11 @@ class SnapshotCollector(Collector):
             yield _gauge(n.EXPORTER_SKIPPED_WORKERS, snap.skipped_workers)
         for metric, value in snap.source_gauges.items():
             yield _gauge(metric, value)
+        for metric, series in snap.counters.items():
+            counter = CounterMetricFamily(metric.family, metric.help, labels=list(metric.labels))
+            for labels, total in sorted(series.items()):
+                counter.add_metric(list(labels), total)
+            yield counter
         success = _labelled(n.EXPORTER_SOURCE_SUCCESS)
         duration = _labelled(n.EXPORTER_SOURCE_DURATION_SECONDS)
         errors = CounterMetricFamily(

@@ -121,6 +121,14 @@ def _dask_memory(key: str, parse: Callable[[Any], Any]) -> Any:
         raise ConfigError(f"Dask config {name}: {e}") from None
 
 
+def _dask_config(name: str) -> Any:
+    """A Dask configuration value; a missing key is a ConfigError."""
+    try:
+        return dask.config.get(name)
+    except KeyError:
+        raise ConfigError(f"Dask config {name} is not set") from None
+
+
 def _dask_threshold(name: str) -> Any:
     """Field whose default is Dask's ``distributed.worker.memory.<name>`` (which may be False)."""
     return Field(
@@ -177,6 +185,18 @@ class Settings(BaseSettings):
     terminate: Threshold = _dask_threshold("terminate")
     proc_root: str = Field(
         default="/proc", description="procfs root the local mode reads worker processes from"
+    )
+    events: bool = Field(
+        default=True,
+        description="count worker outcomes (memory restarts by the nanny, workers lost and "
+        "their tasks) from the scheduler's event log",
+    )
+    event_log_length: int = Field(
+        default_factory=lambda: int(_dask_config("distributed.admin.low-level-log-length")),
+        ge=1,
+        description="events a scheduler topic keeps (set it to the scheduler's value); a "
+        "memory-restart log this full at start may have lost older events; the default is "
+        "Dask's distributed.admin.low-level-log-length",
     )
     process_metrics: bool = Field(
         default=True, description="export the exporter's own process_* metrics"

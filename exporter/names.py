@@ -27,6 +27,10 @@ LABEL_THRESHOLD: Final = "threshold"
 LABEL_SOURCE: Final = "source"
 LABEL_REASON: Final = "reason"
 """Why a source's fetch failed: a bounded set per source (refused, dns, timeout, tls …)."""
+LABEL_CAUSE: Final = "cause"
+"""Why a worker left unexpectedly, as the scheduler's records tell (see ``CAUSES``)."""
+LABEL_KIND: Final = "kind"
+"""Which of a departed worker's task lists a count is of (see ``TASK_KINDS``)."""
 WORKER_LABELS: Final = (LABEL_WORKER, LABEL_WORKER_NAME)
 
 _UNITS = ("bytes", "seconds", "ratio", "")
@@ -177,6 +181,27 @@ SIDECAR_WORKER_FAMILIES: Final = (WORKER_RSS_BYTES, WORKER_HEARTBEAT_PROCESS_BYT
 CORE_WORKER_FAMILIES: Final = (*WORKER_FAMILIES, *SIDECAR_WORKER_FAMILIES)
 """The memory breakdown's per-worker families, in exposition order."""
 
+# --- outcomes, from the scheduler's event log (events.py) -----------------------------------
+WORKER_MEMORY_RESTARTS_TOTAL: Final = Metric(
+    "dask_memory_worker_memory_restarts_total", "counter",
+    "Workers their nanny killed and restarted for passing the terminate threshold, by worker "
+    "name (the scheduler's worker-restart-memory events since it started).",
+    labels=(LABEL_WORKER_NAME,),
+)  # fmt: skip
+WORKERS_LOST_TOTAL: Final = Metric(
+    "dask_memory_workers_lost_total", "counter",
+    "Workers that left the scheduler unexpectedly (not retired or closed), by cause, since "
+    "the exporter started.",
+    labels=(LABEL_CAUSE,),
+)  # fmt: skip
+LOST_TASKS_TOTAL: Final = Metric(
+    "dask_memory_lost_tasks_total", "counter",
+    "Tasks on workers that left unexpectedly, by kind: computed results to recompute, "
+    "scattered data lost for good, tasks that were processing there.",
+    labels=(LABEL_KIND,),
+)  # fmt: skip
+OUTCOME_COUNTERS: Final = (WORKER_MEMORY_RESTARTS_TOTAL, WORKERS_LOST_TOTAL, LOST_TASKS_TOTAL)
+
 # --- exporter self-metrics -------------------------------------------------------------
 SCHEDULER_UP: Final = Metric(
     "dask_memory_scheduler_up", "gauge", "1 if the last completed poll of the scheduler "
@@ -232,3 +257,20 @@ THRESHOLDS: Final = (THRESHOLD_TARGET, THRESHOLD_SPILL, THRESHOLD_PAUSE, THRESHO
 
 SOURCE_SCHEDULER: Final = "scheduler"
 SOURCE_LOCAL: Final = "local"
+SOURCE_EVENTS: Final = "events"
+
+CAUSE_MEMORY_RESTART: Final = "memory_restart"
+"""Its nanny killed it for memory (a worker-restart-memory event names its address)."""
+CAUSE_CONNECTION_LOST: Final = "connection_lost"
+"""Its connection closed with no other record: a kernel or container OOM kill, a crash, a
+SIGKILL, a lost network."""
+CAUSE_HEARTBEAT_TIMEOUT: Final = "heartbeat_timeout"
+"""The scheduler removed it for missing heartbeats (``distributed.scheduler.worker-ttl``)."""
+CAUSE_OTHER: Final = "other"
+"""Any other unexpected removal (e.g. a restart whose nanny did not answer in time)."""
+CAUSES: Final = (CAUSE_MEMORY_RESTART, CAUSE_CONNECTION_LOST, CAUSE_HEARTBEAT_TIMEOUT, CAUSE_OTHER)
+
+TASKS_COMPUTED: Final = "computed"
+TASKS_SCATTERED: Final = "scattered"
+TASKS_PROCESSING: Final = "processing"
+TASK_KINDS: Final = (TASKS_COMPUTED, TASKS_SCATTERED, TASKS_PROCESSING)

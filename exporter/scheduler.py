@@ -29,7 +29,15 @@ from .memory import WorkerReading
 from .names import SOURCE_SCHEDULER, Metric
 from .source import REASON_TIMEOUT, SourceError, SourceResult, WorkerInfo
 
-__all__ = ["DecodeError", "SchedulerPoll", "SchedulerSource", "WorkerInfo", "decode_identity"]
+__all__ = [
+    "REASONS",
+    "DecodeError",
+    "SchedulerConnection",
+    "SchedulerPoll",
+    "SchedulerSource",
+    "WorkerInfo",
+    "decode_identity",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +163,13 @@ def decode_identity(identity: Mapping[str, Any]) -> SchedulerPoll:
     )
 
 
-class SchedulerSource:
-    """The roster source: worker identity from one scheduler, one comm kept open between polls.
+class SchedulerConnection:
+    """One comm to the scheduler, kept open between calls, and the cause of a failed call.
 
-    Besides the roster it owns the heartbeat gauges of ``heartbeat.HEARTBEAT_GAUGES``.
+    Shared by the scheduler's sources (each holds its own, so that one source's call never
+    waits behind another's). Every call is a plain handler call over Dask's protocol: no
+    Client is registered and no code runs on the scheduler.
     """
-
-    name = SOURCE_SCHEDULER
-    roster = True
-    families: tuple[Metric, ...] = tuple(g.metric for g in HEARTBEAT_GAUGES)
-    reasons: tuple[str, ...] = REASONS
 
     def __init__(self, address: str, security: Security, timeout: float) -> None:
         self.address = address
@@ -172,13 +177,9 @@ class SchedulerSource:
         self._connection_args = security.get_connection_args("client")
         self._rpc: rpc | None = None
 
-    async def fetch(self, workers: Mapping[str, WorkerInfo] | None = None) -> SourceResult:
-        """One ``identity`` round trip, decoded; raises a SourceError naming the cause."""
-        poll = await self.fetch_identity()
-        return SourceResult(workers=poll.workers, skipped=poll.skipped, values=poll.values)
-
-    async def fetch_identity(self) -> SchedulerPoll:
-        """One ``identity`` round trip; raises a SourceError after dropping the connection.
+    async def call(self, op: str, **kwargs: Any) -> Any:
+        """One round trip to the scheduler's ``op`` handler; raises a SourceError naming the
+        cause after dropping the connection.
 
         A new connection is preceded by a plain TCP connect, because distributed's own
         ``connect`` retries a refused or unresolvable address until the timeout: the
@@ -191,19 +192,13 @@ class SchedulerSource:
                 self.address, timeout=self.timeout, connection_args=self._connection_args
             )
         try:
-            identity = await asyncio.wait_for(
-                self._rpc.identity(n_workers=-1), timeout=self.timeout
-            )
+            return await asyncio.wait_for(getattr(self._rpc, op)(**kwargs), timeout=self.timeout)
         except BaseException as e:
             # A timed-out or broken call leaves the comm in an unknown state: start afresh.
             await self.close()
             if isinstance(e, Exception):
-                raise self._classify(e) from e
+                raise self._classify(e, op) from e
             raise
-        try:
-            return decode_identity(identity)
-        except Exception as e:
-            raise SourceError(REASON_DECODE, f"malformed identity answer: {e}") from e
 
     async def _preflight(self) -> None:
         scheme, loc = parse_address(self.address, strict=False)
@@ -229,7 +224,7 @@ class SchedulerSource:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
-    def _classify(self, e: Exception) -> SourceError:
+    def _classify(self, e: Exception, op: str) -> SourceError:
         """The cause of a failed call, from distributed's exception and its causes."""
         if isinstance(e, SourceError):
             return e
@@ -245,11 +240,45 @@ class SchedulerSource:
         if isinstance(e, OSError):  # CommClosedError is one: the scheduler went away
             return SourceError(REASON_CLOSED, f"connection to {self.address} lost: {_line(e)}")
         # Anything else was raised by the scheduler's handler and sent back to us.
-        return SourceError(REASON_HANDLER, f"the scheduler's identity handler failed: {_line(e)}")
+        return SourceError(REASON_HANDLER, f"the scheduler's {op} handler failed: {_line(e)}")
 
     async def close(self) -> None:
-        """Close the connection (the next fetch reconnects)."""
+        """Close the connection (the next call reconnects)."""
         r, self._rpc = self._rpc, None
         if r is not None:
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(r.close_rpc(), timeout=2)
+
+
+class SchedulerSource:
+    """The roster source: worker identity from one scheduler, one comm kept open between polls.
+
+    Besides the roster it owns the heartbeat gauges of ``heartbeat.HEARTBEAT_GAUGES``.
+    """
+
+    name = SOURCE_SCHEDULER
+    roster = True
+    families: tuple[Metric, ...] = tuple(g.metric for g in HEARTBEAT_GAUGES)
+    reasons: tuple[str, ...] = REASONS
+
+    def __init__(self, address: str, security: Security, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connection = SchedulerConnection(address, security, timeout)
+
+    async def fetch(self, workers: Mapping[str, WorkerInfo] | None = None) -> SourceResult:
+        """One ``identity`` round trip, decoded; raises a SourceError naming the cause."""
+        poll = await self.fetch_identity()
+        return SourceResult(workers=poll.workers, skipped=poll.skipped, values=poll.values)
+
+    async def fetch_identity(self) -> SchedulerPoll:
+        """One ``identity`` round trip (``n_workers=-1``: every worker), decoded."""
+        identity = await self.connection.call("identity", n_workers=-1)
+        try:
+            return decode_identity(identity)
+        except Exception as e:
+            raise SourceError(REASON_DECODE, f"malformed identity answer: {e}") from e
+
+    async def close(self) -> None:
+        """Close the connection (the next fetch reconnects)."""
+        await self.connection.close()

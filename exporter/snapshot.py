@@ -29,6 +29,7 @@ from .names import Metric
 from .source import (
     REASON_OTHER,
     REASON_TIMEOUT,
+    Counters,
     LocalOnlyProcess,
     Source,
     SourceError,
@@ -87,6 +88,8 @@ class Snapshot:
     """True once at least one fetch of the roster succeeded (readiness)."""
     sources: tuple[SourceStatus, ...] = ()
     source_gauges: Mapping[Metric, float] = field(default_factory=dict)
+    counters: Counters = field(default_factory=dict)
+    """The sources' cluster-wide counters (outcomes from the scheduler's event log)."""
     poll_duration: float | None = None
     last_success: float | None = None
     polls_total: int = 0
@@ -250,6 +253,11 @@ class Poller:
         local_only: list[LocalOnlyProcess] = []
         values: dict[str, dict[Metric, float]] = {}
         gauges: dict[Metric, float] = {}
+        # Counters are running totals: the last ones stand while their source fails.
+        counters: dict[Metric, Mapping[tuple[str, ...], float]] = {}
+        for r in self.runners:
+            if r.last is not None:
+                counters.update(r.last.counters)
         for res in results:
             rss.update(res.rss)
             local_only.extend(res.local_only)
@@ -281,6 +289,7 @@ class Poller:
             polled=prev.polled or fresh,
             sources=tuple(r.status for r in self.runners if r.status is not None),
             source_gauges=gauges,
+            counters=counters,
             poll_duration=time.perf_counter() - start,
             last_success=now if fresh else prev.last_success,
             polls_total=prev.polls_total + 1,

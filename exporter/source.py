@@ -24,6 +24,7 @@ from .names import Metric
 __all__ = [
     "REASON_OTHER",
     "REASON_TIMEOUT",
+    "Counters",
     "LocalOnlyProcess",
     "Source",
     "SourceError",
@@ -78,6 +79,10 @@ class LocalOnlyProcess:
     rss: int
 
 
+Counters = Mapping[Metric, Mapping[tuple[str, ...], float]]
+"""Labelled counter families: per family, label values to the running total."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceResult:
     """What one fetch of one source contributes to the Snapshot.
@@ -98,6 +103,10 @@ class SourceResult:
     """Per worker address, the values of the source's own per-worker families."""
     gauges: Mapping[Metric, float] = field(default_factory=dict)
     """The source's own unlabelled self-metrics (e.g. processes it could not read)."""
+    counters: Counters = field(default_factory=dict)
+    """The source's cluster-wide counters: per family, label values (in the order of the
+    family's ``labels``) to the running total. Totals are cumulative, so the Poller keeps
+    serving the last ones while the source fails."""
 
 
 class Source(Protocol):

@@ -34,6 +34,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "pause": ("off", False),
     "terminate": ("0.9", 0.9),
     "proc_root": ("/host/proc", "/host/proc"),
+    "events": ("false", False),
+    "event_log_length": ("5000", 5000),
     "process_metrics": ("false", False),
     "log_level": ("debug", "DEBUG"),
     "tls_ca_file": ("/certs/ca.pem", "/certs/ca.pem"),
