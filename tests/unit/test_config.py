@@ -233,7 +233,7 @@ def test_readme_options_table_lists_every_option(
     documented = set(re.findall(r"`(--[\w-]+)`", table))
     monkeypatch.setenv("COLUMNS", "1000")
     options = set(_help_lines(["serve", "--help"], capsys)) - {"--help"}
-    options |= {"--no-process-metrics"}
+    options |= {"--no-process-metrics", "--no-events"}
     assert documented == options
 
 

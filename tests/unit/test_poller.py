@@ -258,6 +258,43 @@ async def test_plugin_family_values_reach_the_exposition() -> None:
     assert not snap.scheduler_up and {w.values[TASKS] for w in snap.workers} == {1, 2}
 
 
+async def test_counters_reach_the_exposition_and_stand_while_their_source_fails() -> None:
+    class Outcomes:
+        name = n.SOURCE_EVENTS
+        roster = False
+        families: tuple[Metric, ...] = ()
+        reasons = ("closed",)
+        fail = False
+
+        async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
+            if self.fail:
+                raise SourceError("closed", "lost")
+            return SourceResult(
+                counters={
+                    n.WORKER_MEMORY_RESTARTS_TOTAL: {("a",): 2.0, ('b"\\',): 0.0},
+                    n.WORKERS_LOST_TOTAL: {(n.CAUSE_MEMORY_RESTART,): 2.0},
+                }
+            )
+
+        async def close(self) -> None:
+            pass
+
+    events = Outcomes()
+    p = poller(Scheduler(info(A)), events)
+    for fail in (False, True):
+        events.fail = fail
+        snap = await p.poll_once()
+        samples = parse(Exposition.render(snap, process_metrics=False).text.decode())
+        restarts = {
+            dict(k[1])["worker_name"]: v
+            for k, v in samples.items()
+            if k[0] == n.WORKER_MEMORY_RESTARTS_TOTAL
+        }
+        assert restarts == {"a": 2, 'b"\\': 0}
+        assert samples[(n.WORKERS_LOST_TOTAL, (("cause", n.CAUSE_MEMORY_RESTART),))] == 2
+    assert status(snap)[n.SOURCE_EVENTS] == (False, 1)
+
+
 def test_two_roster_sources_are_refused() -> None:
     with pytest.raises(ValueError, match="roster"):
         poller(Scheduler(), Scheduler())
