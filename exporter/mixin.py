@@ -81,6 +81,15 @@ class MixinConfig:
     unmanaged_growing_for: str = "15m"
     unmanaged_growing_severity: str = "info"
 
+    killed_for_memory_window: str = "10m"
+    """DaskWorkerKilledForMemory fires while a memory restart lies within this window."""
+    killed_for_memory_severity: str = "warning"
+
+    lost_unexpectedly_window: str = "10m"
+    """DaskWorkerLostUnexpectedly fires while an unexpected departure (other than a memory
+    restart, which DaskWorkerKilledForMemory reports) lies within this window."""
+    lost_unexpectedly_severity: str = "warning"
+
     heartbeat_stale_after: str = "1m"
     """DaskWorkerHeartbeatStale fires when a worker's last heartbeat is older than this."""
     heartbeat_stale_for: str = "1m"

@@ -114,6 +114,10 @@ class _Q:
         self.paused = n.WORKER_PAUSED + sel
         self.heartbeat_age = n.WORKER_HEARTBEAT_AGE_SECONDS + sel
         self.scheduler_up = n.SCHEDULER_UP + sel
+        self.restarts = n.WORKER_MEMORY_RESTARTS_TOTAL + sel
+        self.lost = n.WORKERS_LOST_TOTAL + config.selector(
+            f'{n.LABEL_CAUSE}!="{n.CAUSE_MEMORY_RESTART}"'
+        )
         self.up = "up" + sel
 
     def ratio(self, threshold: str) -> str:
@@ -208,6 +212,8 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
     duration_seconds(growth_window)
     duration_seconds(c.unmanaged_growing_recent_window)
     duration_seconds(c.pause_predicted_recent_window)
+    duration_seconds(c.killed_for_memory_window)
+    duration_seconds(c.lost_unexpectedly_window)
 
     alerts = [
         _alert(
@@ -333,6 +339,33 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
             f"{{{{ $value | humanizePercentage }}}} of the memory limit within "
             f"{c.unmanaged_growing_horizon}, past the target threshold. A leak, or memory the "
             "allocator does not return to the operating system.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerKilledForMemory",
+            f"increase({q.restarts}[{c.killed_for_memory_window}]) > 0",
+            "0s",
+            c.killed_for_memory_severity,
+            "Dask worker {{ $labels.worker_name }} was killed by its nanny for memory.",
+            "The nanny of worker {{ $labels.worker_name }} killed and restarted it within the "
+            f"last {c.killed_for_memory_window}: its process memory passed the terminate "
+            "threshold. Its tasks are recomputed elsewhere, and after repeated deaths they "
+            "fail with KilledWorker. The restarted worker has a new address.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerLostUnexpectedly",
+            f"increase({q.lost}[{c.lost_unexpectedly_window}]) > 0",
+            "0s",
+            c.lost_unexpectedly_severity,
+            "Dask workers of {{ $labels.instance }} left unexpectedly "
+            "({{ $labels.cause }}).",
+            "Within the last "
+            f"{c.lost_unexpectedly_window}, workers left the scheduler of "
+            "{{ $labels.instance }} without being retired or closed (cause "
+            "{{ $labels.cause }}): a kill by the kernel or the container runtime (OOM), a "
+            "crash, a lost network or missed heartbeats. Their computed results are recomputed; "
+            "scattered data is lost.",
             c,
         ),
         _alert(

@@ -45,6 +45,8 @@ PAUSED = "DaskWorkerPaused"
 NEAR_TERMINATION = "DaskWorkerNearTermination"
 GROWING = "DaskWorkerUnmanagedMemoryGrowing"
 STALE = "DaskWorkerHeartbeatStale"
+KILLED = "DaskWorkerKilledForMemory"
+LOST = "DaskWorkerLostUnexpectedly"
 SCHEDULER_DOWN = "DaskMemoryExporterSchedulerDown"
 EXPORTER_DOWN = "DaskMemoryExporterDown"
 
@@ -355,6 +357,60 @@ def alert_tests() -> list[dict[str, Any]]:
             "alert_rule_test": [
                 check(STALE, "4m"),
                 check(STALE, "4m30s", expect(STALE, blocked, "2m 30s")),
+            ],
+        }
+    )
+
+    def counter(metric: str, labels: Labels, values: str) -> Inline:
+        return Inline(series=metric + selector(labels), values=values)
+
+    leaky_name = {"instance": INSTANCE, "worker_name": "leaky"}
+    tests.append(
+        {
+            "name": f"{KILLED} fires at a memory restart and resolves 10m later; a worker never "
+            "killed, and an exporter restart that rebuilds the same count, fire nothing",
+            "interval": "30s",
+            "input_series": [
+                # killed at 5m
+                counter(n.WORKER_MEMORY_RESTARTS_TOTAL, leaky_name, "0x9 1x40"),
+                counter(
+                    n.WORKER_MEMORY_RESTARTS_TOTAL,
+                    {"instance": INSTANCE, "worker_name": "idle"},
+                    "0x49",
+                ),
+                # killed twice before the exporter restarted (no samples 5m-7m): the same 2
+                counter(
+                    n.WORKER_MEMORY_RESTARTS_TOTAL,
+                    {"instance": INSTANCE, "worker_name": "steady"},
+                    "2x9 _x4 2x35",
+                ),
+            ],
+            "alert_rule_test": [
+                check(KILLED, "4m30s"),
+                check(KILLED, "5m", expect(KILLED, leaky_name)),
+                check(KILLED, "14m30s", expect(KILLED, leaky_name)),
+                check(KILLED, "15m30s"),
+            ],
+        }
+    )
+
+    def lost(cause: str) -> Labels:
+        return {"instance": INSTANCE, n.LABEL_CAUSE: cause}
+
+    tests.append(
+        {
+            "name": f"{LOST} fires for a worker lost without a memory restart record; a memory "
+            f"restart is left to {KILLED}",
+            "interval": "30s",
+            "input_series": [
+                counter(n.WORKERS_LOST_TOTAL, lost(n.CAUSE_CONNECTION_LOST), "0x9 1x30"),
+                counter(n.WORKERS_LOST_TOTAL, lost(n.CAUSE_MEMORY_RESTART), "0x4 1x35"),
+                counter(n.WORKERS_LOST_TOTAL, lost(n.CAUSE_HEARTBEAT_TIMEOUT), "0x39"),
+            ],
+            "alert_rule_test": [
+                check(LOST, "4m30s"),
+                check(LOST, "5m", expect(LOST, lost(n.CAUSE_CONNECTION_LOST))),
+                check(LOST, "15m30s"),
             ],
         }
     )

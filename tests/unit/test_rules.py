@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "DaskWorkerNearTermination",
     "DaskWorkerUnmanagedMemoryGrowing",
     "DaskWorkerHeartbeatStale",
+    "DaskWorkerKilledForMemory",
+    "DaskWorkerLostUnexpectedly",
     "DaskMemoryExporterSchedulerDown",
     "DaskMemoryExporterDown",
 }
