@@ -343,25 +343,27 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
         ),
         _alert(
             "DaskWorkerKilledForMemory",
-            f"increase({q.restarts}[{c.killed_for_memory_window}]) > 0",
+            # round(): increase() extrapolates one restart to a little more than 1.
+            f"round(increase({q.restarts}[{c.killed_for_memory_window}])) > 0",
             "0s",
             c.killed_for_memory_severity,
             "Dask worker {{ $labels.worker_name }} was killed by its nanny for memory.",
-            "The nanny of worker {{ $labels.worker_name }} killed and restarted it within the "
-            f"last {c.killed_for_memory_window}: its process memory passed the terminate "
+            "The nanny of worker {{ $labels.worker_name }} killed and restarted it "
+            "{{ $value | humanize }} time(s) within the last "
+            f"{c.killed_for_memory_window}: its process memory passed the terminate "
             "threshold. Its tasks are recomputed elsewhere, and after repeated deaths they "
             "fail with KilledWorker. The restarted worker has a new address.",
             c,
         ),
         _alert(
             "DaskWorkerLostUnexpectedly",
-            f"increase({q.lost}[{c.lost_unexpectedly_window}]) > 0",
+            f"round(increase({q.lost}[{c.lost_unexpectedly_window}])) > 0",
             "0s",
             c.lost_unexpectedly_severity,
-            "Dask workers of {{ $labels.instance }} left unexpectedly "
-            "({{ $labels.cause }}).",
+            "Dask workers of {{ $labels.instance }} left unexpectedly ({{ $labels.cause }}).",
             "Within the last "
-            f"{c.lost_unexpectedly_window}, workers left the scheduler of "
+            f"{c.lost_unexpectedly_window}, {{{{ $value | humanize }}}} worker(s) left the "
+            "scheduler of "
             "{{ $labels.instance }} without being retired or closed (cause "
             "{{ $labels.cause }}): a kill by the kernel or the container runtime (OOM), a "
             "crash, a lost network or missed heartbeats. Their computed results are recomputed; "
