@@ -10,6 +10,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
 from ..mixin import MixinConfig
+from .outcomes import lost_annotation, outcome_panels, restart_annotation
 from .panels import (
     BREAKDOWN,
     CLUSTER_FILE,
@@ -63,6 +64,7 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
         alerts_enabled=False,
         alerts_expr=q.alerts(FIRING),
     )
+    d = d.annotation(restart_annotation(q)).annotation(lost_annotation(q))
 
     firing = q.alerts(FIRING)
     workers = q.workers()
@@ -188,6 +190,10 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
         .height(8)
         .span(8)
     )
+    outcomes = db.Row("Restarts and lost workers")
+    for outcome in outcome_panels(q):
+        outcomes = outcomes.with_panel(outcome)
+    d = d.with_row(outcomes)
     d = d.with_row(db.Row("Per worker: memory over time").with_panel(per_worker))
     row = db.Row("Exporter")
     for panel in _exporter_panels(q):

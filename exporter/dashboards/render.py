@@ -25,6 +25,9 @@ ANNOTATION_FORMATS = {  # annotation name -> (titleFormat, tagKeys)
     "Paused workers": ("{{worker_name}} paused", n.LABEL_WORKER_NAME),
     "Paused": ("{{worker_name}} paused", n.LABEL_WORKER_NAME),
     "Dask alerts": ("{{alertname}}", f"alertname,severity,{n.LABEL_WORKER_NAME}"),
+    "Memory restarts": ("{{worker_name}} killed for memory", n.LABEL_WORKER_NAME),
+    "Memory restart": ("{{worker_name}} killed for memory", n.LABEL_WORKER_NAME),
+    "Workers lost": ("workers lost: {{cause}}", n.LABEL_CAUSE),
 }
 
 PANEL_PLUGINS = {

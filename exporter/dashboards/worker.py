@@ -12,6 +12,7 @@ from .. import names as n
 from ..heartbeat import HEARTBEAT_GAUGES
 from ..mixin import MixinConfig
 from ..rules import duration_seconds
+from .outcomes import restart_annotation, worker_restarts_panel
 from .panels import (
     CLUSTER_FILE,
     DS,
@@ -50,6 +51,7 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
         alerts_enabled=True,
         alerts_expr=q.alerts(FIRING, q.worker_matcher),
     )
+    d = d.annotation(restart_annotation(q, "Memory restart"))
     d = d.with_row(db.Row("$worker"))
     d = d.with_panel(
         stat_panel(
@@ -207,6 +209,7 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
         .height(8)
         .span(8)
     )
+    d = d.with_panel(worker_restarts_panel(q))
     return _heartbeat_row(d, ws)
 
 

@@ -52,6 +52,9 @@ MAY_BE_EMPTY = {
     (CLUSTER_FILE, "Alert list", "A"): "no alert has fired yet: the rules' for: is minutes",
     (CLUSTER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
     (WORKER_FILE, "annotation: Dask alerts", ""): "no alert has fired yet",
+    (CLUSTER_FILE, "annotation: Memory restarts", ""): "no nanny has killed a worker here",
+    (CLUSTER_FILE, "annotation: Workers lost", ""): "no worker has left",
+    (WORKER_FILE, "annotation: Memory restart", ""): "no nanny has killed a worker here",
     (WORKER_FILE, "Process memory by source", "B"): (
         "sidecar-only series; the demo runs in scheduler mode"
     ),
