@@ -78,6 +78,8 @@ MAX_REMEMBERED = 10_000
 
 _STIMULUS_CAUSES = (
     ("handle-worker-cleanup", n.CAUSE_CONNECTION_LOST),
+    # the nanny reports that its worker process exited by itself
+    ("nanny-close", n.CAUSE_CONNECTION_LOST),
     ("check-worker-ttl", n.CAUSE_HEARTBEAT_TIMEOUT),
 )
 _TASK_LISTS = (
