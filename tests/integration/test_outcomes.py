@@ -133,7 +133,9 @@ async def test_a_nanny_memory_kill_counts_once_and_survives_an_exporter_restart(
         s = await settled(exporter, "the kill", lambda s: restarts(s).get("leak", 0) >= 1)
         assert restarts(s) == {"leak": 1, "idle": 0, "victim": 0}
         # Its restarted worker is back under the same name, at another address.
-        s = await settled(exporter, "the new worker", lambda s: live.address("leak") not in (None, old))
+        s = await settled(
+            exporter, "the new worker", lambda s: live.address("leak") not in (None, old)
+        )
         # The task was restricted to the dead address: it cannot run again (and kill again).
         await live.client.cancel([future])
         s = await settled(
