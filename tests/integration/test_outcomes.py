@@ -109,6 +109,10 @@ def labelled(s: Samples, metric: str, label: str) -> dict[str, float]:
     return {dict(k[1])[label]: v for k, v in s.items() if k[0] == metric}
 
 
+def lost(s: Samples) -> dict[str, float]:
+    return labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE)
+
+
 def polls(s: Samples) -> float:
     return s[(n.EXPORTER_POLLS_TOTAL, ())]
 
@@ -141,11 +145,9 @@ async def test_a_nanny_memory_kill_counts_once_and_survives_an_exporter_restart(
         s = await settled(
             exporter,
             "the departure counted",
-            lambda s: labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE)[n.CAUSE_MEMORY_RESTART]
-            == 1,
+            lambda s: lost(s)[n.CAUSE_MEMORY_RESTART] == 1,
         )
-        lost = labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE)
-        assert lost == {**dict.fromkeys(n.CAUSES, 0), n.CAUSE_MEMORY_RESTART: 1}
+        assert lost(s) == {**dict.fromkeys(n.CAUSES, 0), n.CAUSE_MEMORY_RESTART: 1}
         assert labelled(s, n.LOST_TASKS_TOTAL, n.LABEL_KIND)[n.TASKS_PROCESSING] == 1
         # Polls go on; the count stays.
         later = polls(s) + 5
@@ -160,7 +162,7 @@ async def test_a_nanny_memory_kill_counts_once_and_survives_an_exporter_restart(
         s = await settled(exporter, "five more polls", lambda s: polls(s) >= later)
         assert restarts(s) == {"leak": 1, "idle": 0, "victim": 0}
         # Departures seen by the exporter before it restarted are not counted again.
-        assert sum(labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE).values()) == 0
+        assert sum(lost(s).values()) == 0
 
 
 async def test_a_sigkilled_worker_is_lost_unexpectedly_with_its_computed_tasks(
@@ -178,10 +180,9 @@ async def test_a_sigkilled_worker_is_lost_unexpectedly_with_its_computed_tasks(
         s = await settled(
             exporter,
             "the loss",
-            lambda s: sum(labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE).values()) >= 1,
+            lambda s: sum(lost(s).values()) >= 1,
         )
-        lost = labelled(s, n.WORKERS_LOST_TOTAL, n.LABEL_CAUSE)
-        assert lost == {**dict.fromkeys(n.CAUSES, 0), n.CAUSE_CONNECTION_LOST: 1}
+        assert lost(s) == {**dict.fromkeys(n.CAUSES, 0), n.CAUSE_CONNECTION_LOST: 1}
         tasks = labelled(s, n.LOST_TASKS_TOTAL, n.LABEL_KIND)
         assert tasks == {n.TASKS_COMPUTED: 5, n.TASKS_SCATTERED: 0, n.TASKS_PROCESSING: 0}
         assert restarts(s) == before  # not a memory restart
