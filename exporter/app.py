@@ -80,14 +80,16 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     """The Poller for these settings, publishing into ``state``.
 
     Mode ``scheduler``: the scheduler only (its roster, and its event log unless ``events``
-    is off). ``local``: the worker processes beside the
+    is off; so in mode ``both``). ``local``: the worker processes beside the
     exporter, joined with the scheduler's data when an address is given. ``both``: every
     worker the scheduler knows, with direct RSS for the local ones.
     """
     sources: list[Source] = []
     if settings.scheduler:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
-    if settings.scheduler and settings.events:
+    # Outcomes are cluster-wide: not in mode local, which exports only the workers beside it
+    # (one sidecar per worker pod would count every kill once per pod).
+    if settings.scheduler and settings.events and settings.mode != "local":
         sources.append(
             EventsSource(
                 settings.scheduler,

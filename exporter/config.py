@@ -189,7 +189,7 @@ class Settings(BaseSettings):
     events: bool = Field(
         default=True,
         description="count worker outcomes (memory restarts by the nanny, workers lost and "
-        "their tasks) from the scheduler's event log",
+        "their tasks) from the scheduler's event log (modes scheduler and both)",
     )
     event_log_length: int = Field(
         default_factory=lambda: int(_dask_config("distributed.admin.low-level-log-length")),
