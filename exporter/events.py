@@ -69,7 +69,7 @@ MAX_TOPICS_PER_POLL = 20
 """Departed workers' topics fetched per poll at most; the rest wait for the next polls (the
 scheduler keeps a departed worker's topic for ``distributed.scheduler.events-cleanup-delay``,
 an hour by default)."""
-CAUSE_GRACE_SECONDS = 3.0
+CAUSE_GRACE_SECONDS = 5.0
 """How long a departure with no memory-restart event yet waits for one before it is counted
 under its other cause: the nanny sends its event in the background, just before it kills the
 worker, so the scheduler may notice the closed connection first."""
