@@ -13,7 +13,7 @@ import contextlib
 import html
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -33,7 +33,7 @@ from .snapshot import Poller, Snapshot
 from .source import Source
 from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
-__all__ = ["ExporterState", "make_app"]
+__all__ = ["ExporterState", "make_app", "make_poller", "make_sources"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
@@ -46,10 +46,12 @@ VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
-    """The current Exposition, swapped atomically after each poll."""
+    """The current Exposition, swapped atomically after each poll, and what the Poller polls."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sources: Sequence[Source] | None = None) -> None:
         self.settings = settings
+        self.sources = None if sources is None else tuple(sources)
+        """The sources to poll; None: those the settings ask for."""
         self.exposition = Exposition.render(
             Snapshot(
                 time=time.time(),
@@ -75,8 +77,8 @@ STATE = web.AppKey("state", ExporterState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_poller(settings: Settings, state: ExporterState) -> Poller:
-    """The Poller for these settings, publishing into ``state``.
+def make_sources(settings: Settings) -> list[Source]:
+    """The sources these settings ask for.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
     exporter, joined with the scheduler's data when an address is given. ``both``: every
@@ -88,8 +90,15 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
         sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
+    return sources
+
+
+def make_poller(
+    settings: Settings, state: ExporterState, sources: Sequence[Source] | None = None
+) -> Poller:
+    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for."""
     return Poller(
-        sources,
+        make_sources(settings) if sources is None else sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
@@ -100,10 +109,14 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     )
 
 
-def make_app(settings: Settings) -> web.Application:
-    """Build the aiohttp application; polling starts when the app starts."""
+def make_app(settings: Settings, sources: Sequence[Source] | None = None) -> web.Application:
+    """Build the aiohttp application; polling starts when the app starts.
+
+    ``sources``: the sources to poll, instead of those the settings ask for (the scheduler
+    preload hands over its in-process source).
+    """
     app = web.Application(middlewares=[_basic_auth])
-    state = ExporterState(settings)
+    state = ExporterState(settings, sources)
     app[STATE] = state
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
@@ -116,7 +129,7 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.poller = make_poller(state.settings, state)
+    state.poller = make_poller(state.settings, state, state.sources)
     task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
     yield
     task.cancel()

@@ -34,17 +34,19 @@ import os
 import resource
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import ConfigError, Settings
+from .source import Source
 from .webconfig import CHECK_INTERVAL, WEB_CONFIG, WebConfigWatcher, load_web_config
 
 __all__ = [
     "ConnectionGuard",
+    "ExporterServer",
     "ListenError",
     "RateLimitFilter",
     "connection_cap",
@@ -156,9 +158,10 @@ def _short(exc: BaseException | None) -> str:
 _FILTER = RateLimitFilter()
 
 
-def install_log_limits() -> None:
+def install_log_limits(*, asyncio_too: bool = True) -> None:
     """Rate-limit the loggers a client can make talk: aiohttp's server and asyncio's."""
-    for name in ("aiohttp.server", "aiohttp.web", "asyncio", http_logger.name):
+    names = ("aiohttp.server", "aiohttp.web", http_logger.name)
+    for name in (*names, "asyncio") if asyncio_too else names:
         log = logging.getLogger(name)
         if _FILTER not in log.filters:
             log.addFilter(_FILTER)
@@ -273,72 +276,118 @@ class GuardedSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
-async def serve(settings: Settings, until: Callable[[], Awaitable[None]]) -> None:
-    """Serve the app with the limits above until ``until()`` returns.
+class ExporterServer:
+    """The exporter app behind a listener with the limits above: started, then stopped.
 
-    With a web configuration file: TLS and basic auth from it, checked for changes every
-    second; a change of the TLS part reopens the listener with the new context.
+    ``serve`` runs one for the command line; the scheduler preload runs one inside the
+    scheduler's process with its own sources. ``guard_asyncio_log`` adds the rate limit to
+    asyncio's logger too, which a preload leaves alone: that logger is the scheduler's as
+    well.
     """
-    from .app import make_app
 
-    watcher = None
-    if settings.web_config_file:
-        watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
-    ssl_context = watcher.current.tls if watcher else None
-    install_log_limits()
-    nofile = raise_nofile_limit()
-    limit = connection_cap(settings.http_max_connections, nofile)
-    app = make_app(settings)
-    if watcher is not None:
-        app[WEB_CONFIG] = watcher
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        keepalive_timeout=settings.http_idle_timeout,
-        shutdown_timeout=5.0,
-    )
-    await runner.setup()
-    site = GuardedSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        limit=limit,
-        ssl_context=ssl_context,
-        handshake_timeout=settings.http_idle_timeout,
-    )
-    try:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: Sequence[Source] | None = None,
+        *,
+        what: str | None = None,
+        guard_asyncio_log: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.sources = sources
+        self.what = what or f"scheduler {settings.scheduler}, mode {settings.mode}"
+        self.guard_asyncio_log = guard_asyncio_log
+        self.app: web.Application | None = None
+        self.site: GuardedSite | None = None
+        self._runner: web.AppRunner | None = None
+        self._reloader: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose for port 0)."""
+        assert self.site is not None, "not started"
+        return self.site.port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.site is not None and self.site._ssl_context else "http"
+
+    async def start(self) -> None:
+        """Listen and start polling; raise ListenError (one line) if the port cannot be had.
+
+        With a web configuration file: TLS and basic auth from it, checked for changes every
+        second; a change of the TLS part reopens the listener with the new context.
+        """
+        from .app import make_app
+
+        settings = self.settings
+        watcher = None
+        if settings.web_config_file:
+            watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
+        ssl_context = watcher.current.tls if watcher else None
+        install_log_limits(asyncio_too=self.guard_asyncio_log)
+        nofile = raise_nofile_limit()
+        limit = connection_cap(settings.http_max_connections, nofile)
+        self.app = app = make_app(settings, self.sources)
+        if watcher is not None:
+            app[WEB_CONFIG] = watcher
+        self._runner = runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=settings.http_idle_timeout,
+            shutdown_timeout=5.0,
+        )
+        await runner.setup()
+        self.site = site = GuardedSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            limit=limit,
+            ssl_context=ssl_context,
+            handshake_timeout=settings.http_idle_timeout,
+        )
         try:
             await site.start()
         except OSError as e:
+            await self.stop()
             raise ListenError(_listen_error(settings.listen, e)) from None
-        scheme = "https" if ssl_context else "http"
         logger.info(
-            "dask-memory-exporter serving on %s://%s:%s/metrics (scheduler %s, mode %s; "
+            "dask-memory-exporter serving on %s://%s:%s/metrics (%s; "
             "at most %d connections, idle timeout %gs, open-file limit %d)",
-            scheme,
+            self.scheme,
             settings.listen_host,
             site.port,
-            settings.scheduler,
-            settings.mode,
+            self.what,
             limit,
             settings.http_idle_timeout,
             nofile,
         )
         if os.geteuid() == 0:
             logger.warning("running as root is not needed; run as an unprivileged user")
-        if watcher is None:
-            await until()
-            return
-        reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
-        try:
-            await until()
-        finally:
+        if watcher is not None:
+            self._reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
+
+    async def stop(self) -> None:
+        """Stop listening and polling; idempotent."""
+        reloader, self._reloader = self._reloader, None
+        if reloader is not None:
             reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def serve(settings: Settings, until: Callable[[], Awaitable[None]]) -> None:
+    """Serve the app with the limits above until ``until()`` returns."""
+    server = ExporterServer(settings)
+    await server.start()
+    try:
+        await until()
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 async def _reload_web_config(
