@@ -74,6 +74,11 @@ _BUSY_RESPONSE = (
 class ListenError(ConfigError):
     """The listen address cannot be bound (in use, not local, not permitted): exit 2."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        """Why, without the option's name (the preload names its own options)."""
+
 
 def raise_nofile_limit() -> int:
     """Raise the soft open-file limit to the hard one; return the soft limit now in force.
@@ -280,9 +285,9 @@ class ExporterServer:
     """The exporter app behind a listener with the limits above: started, then stopped.
 
     ``serve`` runs one for the command line; the scheduler preload runs one inside the
-    scheduler's process with its own sources. ``guard_asyncio_log`` adds the rate limit to
-    asyncio's logger too, which a preload leaves alone: that logger is the scheduler's as
-    well.
+    scheduler's process with its own sources, and ``standalone=False``: the process is not
+    ours, so asyncio's logger (the scheduler's as well) is left without the rate limit and
+    running as root is the scheduler's affair, not warned about.
     """
 
     def __init__(
@@ -291,12 +296,12 @@ class ExporterServer:
         sources: Sequence[Source] | None = None,
         *,
         what: str | None = None,
-        guard_asyncio_log: bool = True,
+        standalone: bool = True,
     ) -> None:
         self.settings = settings
         self.sources = sources
         self.what = what or f"scheduler {settings.scheduler}, mode {settings.mode}"
-        self.guard_asyncio_log = guard_asyncio_log
+        self.standalone = standalone
         self.app: web.Application | None = None
         self.site: GuardedSite | None = None
         self._runner: web.AppRunner | None = None
@@ -325,7 +330,7 @@ class ExporterServer:
         if settings.web_config_file:
             watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
         ssl_context = watcher.current.tls if watcher else None
-        install_log_limits(asyncio_too=self.guard_asyncio_log)
+        install_log_limits(asyncio_too=self.standalone)
         nofile = raise_nofile_limit()
         limit = connection_cap(settings.http_max_connections, nofile)
         self.app = app = make_app(settings, self.sources)
@@ -351,7 +356,8 @@ class ExporterServer:
             await site.start()
         except OSError as e:
             await self.stop()
-            raise ListenError(_listen_error(settings.listen, e)) from None
+            reason = _listen_reason(e)
+            raise ListenError(f"--listen {settings.listen}: {reason}", reason) from None
         logger.info(
             "dask-memory-exporter serving on %s://%s:%s/metrics (%s; "
             "at most %d connections, idle timeout %gs, open-file limit %d)",
@@ -363,7 +369,7 @@ class ExporterServer:
             settings.http_idle_timeout,
             nofile,
         )
-        if os.geteuid() == 0:
+        if self.standalone and os.geteuid() == 0:
             logger.warning("running as root is not needed; run as an unprivileged user")
         if watcher is not None:
             self._reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
@@ -419,11 +425,10 @@ async def _reload_web_config(
         logger.info("listener reopened with the new TLS configuration")
 
 
-def _listen_error(listen: str, e: OSError) -> str:
+def _listen_reason(e: OSError) -> str:
     reasons = {
         errno.EADDRINUSE: "the address is already in use (another process holds the port)",
         errno.EADDRNOTAVAIL: "the address is not one of this host's",
         errno.EACCES: "permission denied (ports below 1024 need privileges)",
     }
-    reason = reasons.get(e.errno or 0, e.strerror or str(e))
-    return f"--listen {listen}: cannot listen: {reason}"
+    return "cannot listen: " + reasons.get(e.errno or 0, e.strerror or str(e))
