@@ -43,7 +43,7 @@ from .config import ConfigError, load_settings
 from .scheduler_state import SchedulerStateSource
 from .server import ExporterServer, ListenError
 
-__all__ = ["PreloadExporter", "dask_setup", "dask_teardown", "running"]
+__all__ = ["PreloadExporter", "dask_setup", "dask_teardown", "running", "scrape_target"]
 
 logger = logging.getLogger("dask_memory_exporter")
 PREFIX = "dask-memory-exporter preload"
@@ -68,14 +68,10 @@ class PreloadExporter:
 
     @property
     def target(self) -> str:
-        """``host:port`` Prometheus should scrape: the listen host, or for a wildcard
-        listener the host the scheduler is contacted at (the login node's address)."""
-        host = self.server.settings.listen_host
-        if host in _WILDCARDS:
-            host = _scheduler_host(self.scheduler)
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{host}:{self.server.port}"
+        """``host:port`` Prometheus should scrape (see :func:`scrape_target`)."""
+        return scrape_target(
+            self.server.settings.listen_host, self.server.port, str(self.scheduler.address)
+        )
 
     @property
     def url(self) -> str:
@@ -123,11 +119,18 @@ def running(scheduler: Any) -> PreloadExporter | None:
     return _RUNNING.get(scheduler)
 
 
-def _scheduler_host(scheduler: Any) -> str:
-    try:
-        return get_address_host(scheduler.address)
-    except (ValueError, TypeError):
-        return "127.0.0.1"
+def scrape_target(listen_host: str, port: int, scheduler_address: str) -> str:
+    """``host:port`` for Prometheus: the listen host, or for a wildcard listener the host the
+    scheduler is contacted at (on HPC, the login node's address the workers use)."""
+    host = listen_host
+    if host in _WILDCARDS:
+        try:
+            host = get_address_host(scheduler_address)
+        except (ValueError, TypeError):  # e.g. inproc://: no network host at all
+            host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 class PreloadArgumentError(click.ClickException):
