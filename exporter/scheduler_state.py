@@ -7,14 +7,17 @@ included. This source copies what the exporter needs out of those objects into p
 ``WorkerInfo`` values and a ready ``MemoryBreakdown`` per worker; the rest of the pipeline
 (snapshot, collector, HTTP) is the same as for a polled scheduler.
 
-The scheduler mutates its state on its event loop and nowhere else, so the copy is made on the
-loop, in one synchronous pass with no await in it: a consistent view, and the only part of the
-exporter's work that must hold the scheduler's loop. It is a few microseconds per worker
-(``benchmarks/preload_cost.py``); rendering happens later, in a thread.
+The scheduler mutates its state on its event loop and nowhere else, so what changes (the
+``MemoryState``, the heartbeat's ``metrics`` dict, ``nbytes``, ``last_seen``, ``status``) is
+captured on the loop, in one synchronous pass with no await in it: one consistent instant, and
+the only part of the exporter's work that must hold the scheduler's loop (about two
+microseconds per worker). The exporter's values are built from the capture in a thread, and
+rendered later in a thread too (``benchmarks/preload_cost.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping
@@ -25,7 +28,7 @@ from .memory import MemoryBreakdown, WorkerReading
 from .names import SOURCE_SCHEDULER, Metric
 from .source import SourceResult, WorkerInfo
 
-__all__ = ["SchedulerStateSource", "read_worker_state"]
+__all__ = ["SchedulerStateSource", "capture", "read_captured", "read_worker_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +40,34 @@ def _count(v: Any) -> int:
     return max(0, int(v))
 
 
-def read_worker_state(ws: Any) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric, float]]:
-    """One ``distributed.scheduler.WorkerState`` as the exporter's values.
+Captured = tuple[Any, Any, Mapping[str, Any], Any, Any, Any]
+"""What must be read on the event loop: (WorkerState, its MemoryState, metrics, nbytes,
+last_seen, status). The rest of a WorkerState (address, name, host, threads, limit, nanny)
+is fixed when the worker registers; ``metrics`` is replaced whole by each heartbeat, never
+changed in place."""
+
+
+def capture(ws: Any) -> Captured:
+    """The changing part of one WorkerState, read on the loop: ``ws.memory`` included."""
+    return (ws, ws.memory, ws.metrics, ws.nbytes, ws.last_seen, ws.status)
+
+
+def read_captured(captured: Captured) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric, float]]:
+    """The exporter's values of one captured WorkerState (off the loop).
 
     The breakdown is ``ws.memory`` as it is; ``reading`` carries the heartbeat's figures so
     that everything downstream that reads them (``heartbeat_process_bytes``) still can.
     """
-    mem = ws.memory  # MemoryState, built on access from nbytes, metrics and the window
-    metrics = ws.metrics or {}
+    ws, mem, metrics, nbytes, last_seen, status = captured
+    metrics = metrics or {}
     spilled = metrics.get("spilled_bytes") or {}
-    last_seen = float(ws.last_seen)
+    seen = float(last_seen)
     reading = WorkerReading(
         process=_count(metrics.get("memory", 0)),
-        managed_total=_count(ws.nbytes),
+        managed_total=_count(nbytes),
         spilled_memory=_count(spilled.get("memory", 0)),
         spilled_disk=_count(spilled.get("disk", 0)),
-        heartbeat_time=last_seen,
+        heartbeat_time=seen,
     )
     info = WorkerInfo(
         address=str(ws.address),
@@ -60,8 +75,8 @@ def read_worker_state(ws: Any) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric
         host=str(ws.host),
         nthreads=int(ws.nthreads or 0),
         memory_limit=int(ws.memory_limit) if ws.memory_limit else None,
-        status=ws.status.name,
-        last_seen=last_seen,
+        status=status.name,
+        last_seen=seen,
         nanny=str(ws.nanny) if ws.nanny else None,
         reading=reading,
     )
@@ -73,6 +88,29 @@ def read_worker_state(ws: Any) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric
     )
     values = read_heartbeat(metrics) if HEARTBEAT_GAUGES else {}
     return info, breakdown, values
+
+
+def read_worker_state(ws: Any) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric, float]]:
+    """One ``distributed.scheduler.WorkerState`` as the exporter's values, in one go."""
+    return read_captured(capture(ws))
+
+
+def _result(captured: list[Captured], skipped: int) -> SourceResult:
+    infos: dict[str, WorkerInfo] = {}
+    memory: dict[str, MemoryBreakdown] = {}
+    values: dict[str, dict[Metric, float]] = {}
+    for c in captured:
+        try:
+            info, breakdown, vals = read_captured(c)
+        except Exception as e:
+            skipped += 1
+            logger.debug("skipping worker: %s", e)
+            continue
+        infos[info.address] = info
+        memory[info.address] = breakdown
+        if vals:
+            values[info.address] = vals
+    return SourceResult(workers=infos, skipped=skipped, values=values, memory=memory)
 
 
 class SchedulerStateSource:
@@ -93,23 +131,17 @@ class SchedulerStateSource:
         self.scheduler = scheduler
 
     async def fetch(self, workers: Mapping[str, WorkerInfo] | None = None) -> SourceResult:
-        """Copy every worker's state in one pass on the event loop (no await inside)."""
-        infos: dict[str, WorkerInfo] = {}
-        memory: dict[str, MemoryBreakdown] = {}
-        values: dict[str, dict[Metric, float]] = {}
+        """Capture every worker's changing state in one pass on the event loop (no await
+        inside: one consistent instant), then build the exporter's values in a thread."""
+        captured: list[Captured] = []
         skipped = 0
         for ws in list(self.scheduler.workers.values()):
             try:
-                info, breakdown, vals = read_worker_state(ws)
+                captured.append(capture(ws))
             except Exception as e:  # one odd WorkerState never hides the others
                 skipped += 1
                 logger.debug("skipping worker %r: %s", getattr(ws, "address", ws), e)
-                continue
-            infos[info.address] = info
-            memory[info.address] = breakdown
-            if vals:
-                values[info.address] = vals
-        return SourceResult(workers=infos, skipped=skipped, values=values, memory=memory)
+        return await asyncio.to_thread(_result, captured, skipped)
 
     async def close(self) -> None:
         """Nothing to release: the scheduler's state is only read."""

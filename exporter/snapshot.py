@@ -237,7 +237,9 @@ class Poller:
             infos = _known(prev)
         if self.others:
             await asyncio.gather(*(r.step(infos, self.next_delay()) for r in self.others))
-        snap = self._build(prev, infos, fresh, start)
+        # Building the Snapshot (a thousand workers' breakdowns) runs in a thread: the event
+        # loop may be a scheduler's (the preload), and scrapes keep being answered meanwhile.
+        snap = await asyncio.to_thread(self._build, prev, infos, fresh, start)
         self.snapshot = snap
         await self.publish(snap)
         return snap
