@@ -288,8 +288,9 @@ async def _run(
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| workers | heartbeat interval | window | polls | scrapes | exporter on the loop, "
-        "per interval | share of the loop | longest single hold | render thread CPU, per "
-        "interval | loop + render CPU share | scheduler's own heartbeat handling, per interval |\n"
+        "per interval | share of the loop | longest single hold | threads' CPU per interval "
+        "(rendering) | loop + threads, share | the scheduler's own heartbeat handling, per "
+        "interval |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
