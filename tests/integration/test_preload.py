@@ -173,6 +173,42 @@ async def test_file_sd_names_the_exporter(live: Cluster) -> None:
     assert live.file_sd.stat().st_mode & 0o777 == 0o644
 
 
+async def test_dask_jobqueue_scheduler_options(tmp_path: Path) -> None:
+    """docs/hpc.md's recipe with dask-jobqueue's own SLURMCluster: its scheduler starts in
+    this process with the preload. (No job is submitted: there is no batch system here; the
+    workers' side is the same as any worker's, covered above.)"""
+    from dask_jobqueue import SLURMCluster
+
+    file_sd = tmp_path / "sd.json"
+    async with SLURMCluster(
+        cores=1,
+        memory="1GB",
+        asynchronous=True,
+        scheduler_options={
+            "host": "127.0.0.1",
+            "port": 0,
+            "dashboard_address": "127.0.0.1:0",
+            "preload": [PRELOAD],
+            "preload_argv": [
+                "--memory-exporter-port", "0",
+                "--memory-exporter-host", "127.0.0.1",
+                "--memory-exporter-file-sd", str(file_sd),
+            ],
+        },
+    ) as cluster:  # fmt: skip
+        exporter = preload.running(cluster.scheduler)
+        assert exporter is not None
+        assert json.loads(file_sd.read_text()) == [{"targets": [exporter.target]}]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(exporter.url + "/metrics") as r,
+        ):
+            samples = parse(await r.text())
+        assert scalar(samples, n.SCHEDULER_UP) == 1
+        assert scalar(samples, n.SCHEDULER_WORKERS) == 0
+    assert not file_sd.exists()
+
+
 # --- bare schedulers: start-up failures and teardown ------------------------------------------
 
 
