@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from distributed import Scheduler
 from distributed.comm.addressing import get_address_host
 
 from .config import ConfigError, load_settings
@@ -252,7 +253,7 @@ async def _start(
     cluster: str | None,
     web_config_file: str | None,
 ) -> None:
-    if not hasattr(scheduler, "workers") or not hasattr(scheduler, "address"):
+    if not isinstance(scheduler, Scheduler):
         logger.error(
             "%s: %s is not a scheduler; preload it with `dask scheduler --preload`",
             PREFIX,
