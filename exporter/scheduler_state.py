@@ -28,7 +28,7 @@ from .memory import MemoryBreakdown, WorkerReading
 from .names import SOURCE_SCHEDULER, Metric
 from .source import SourceResult, WorkerInfo
 
-__all__ = ["SchedulerStateSource", "capture", "read_captured", "read_worker_state"]
+__all__ = ["SchedulerStateSource", "capture", "read_captured"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +88,6 @@ def read_captured(captured: Captured) -> tuple[WorkerInfo, MemoryBreakdown, dict
     )
     values = read_heartbeat(metrics) if HEARTBEAT_GAUGES else {}
     return info, breakdown, values
-
-
-def read_worker_state(ws: Any) -> tuple[WorkerInfo, MemoryBreakdown, dict[Metric, float]]:
-    """One ``distributed.scheduler.WorkerState`` as the exporter's values, in one go."""
-    return read_captured(capture(ws))
 
 
 def _result(captured: list[Captured], skipped: int) -> SourceResult:
