@@ -212,9 +212,7 @@ def gpu_tests() -> list[dict[str, Any]]:
         {
             "name": f"{GPU_HIGH} fires above dask-cuda's device memory limit where it is known",
             "interval": "1m",
-            "input_series": gpu_series(
-                limited, used="55e9x10", total="100e9x10", limit="50e9x10"
-            ),
+            "input_series": gpu_series(limited, used="55e9x10", total="100e9x10", limit="50e9x10"),
             "alert_rule_test": [
                 check(GPU_HIGH, "4m"),
                 # 55e9 in use of a 50e9 limit
