@@ -13,6 +13,7 @@ from grafana_foundation_sdk.builders import timeseries
 from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
+from ..gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES
 from ..heartbeat import (
     WORKER_BREAKDOWN_APPROXIMATE,
     WORKER_GPU_MANAGED_BYTES,
@@ -68,13 +69,15 @@ def _memory(sel: str) -> timeseries.Panel:
             "Device memory in use on the worker's GPU (every process on the device, as NVML "
             "counts it), the device's total, dask-cuda's device_memory_limit (where "
             "DeviceHostFile starts spilling to host memory; with the dask_memory_exporter.gpu "
-            "preload) and the managed data held on the device.",
+            "preload), the managed data held on the device, and in the sidecar modes with NVML "
+            "the worker process's own device memory.",
             "bytes",
         )
         .with_target(target(f"{WORKER_GPU_MEMORY_USED_BYTES}{sel}", "A", "used " + _W))
         .with_target(target(f"{WORKER_GPU_MANAGED_BYTES}{sel}", "B", "managed on device " + _W))
         .with_target(target(f"{WORKER_GPU_MEMORY_LIMIT_BYTES}{sel}", "C", "limit " + _W))
         .with_target(target(f"{WORKER_GPU_MEMORY_TOTAL_BYTES}{sel}", "D", "total " + _W))
+        .with_target(target(f"{WORKER_GPU_PROCESS_MEMORY_BYTES}{sel}", "E", "worker process " + _W))
         .override_by_regexp("^limit .*", line_style("orange"))
         .override_by_regexp("^total .*", line_style("red"))
         .height(8)

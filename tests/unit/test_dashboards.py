@@ -29,6 +29,7 @@ from dask_memory_exporter.dashboards import (
     render_provider,
     render_provisioning,
 )
+from dask_memory_exporter.gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES
 from dask_memory_exporter.heartbeat import GPU_GAUGES, WORKER_GPU_MEMORY_TOTAL_BYTES
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import alert_rules, recording_rules
@@ -237,7 +238,7 @@ def test_gpu_row_only_where_gpu_series_exist(file: str) -> None:
     rows = {p["title"]: p for p in doc["panels"] if p["type"] == "row"}
     row = rows["GPU (workers that report a device)"]
     assert row["collapsed"] is True and row["repeat"] == "gpu"
-    gpu_names = {g.metric.name for g in GPU_GAUGES}
+    gpu_names = {g.metric.name for g in GPU_GAUGES} | {WORKER_GPU_PROCESS_MEMORY_BYTES}
     read = {m for p in row["panels"] for t in p["targets"] for m in SERIES.findall(t["expr"])}
     assert read and read <= gpu_names
     others = [p for p in doc["panels"] if p["type"] != "row"]
