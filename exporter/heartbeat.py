@@ -46,6 +46,10 @@ class HeartbeatGauge:
     metric: Metric
     read: Callable[[Mapping[str, Any]], Any]
     """Returns the raw value; a KeyError, TypeError or non-number means "not reported"."""
+    key: str | None = None
+    """The top-level heartbeat key ``read`` needs: where it is absent (a CPU worker and the GPU
+    keys) the gauge is skipped without calling ``read``, which would raise at some cost per
+    worker and gauge on every poll."""
 
 
 WORKER_EXECUTING_TASKS = worker_gauge(
@@ -108,18 +112,20 @@ WORKER_BREAKDOWN_APPROXIMATE = worker_gauge(
     "the dask_memory_exporter.gpu preload corrected it; absent on CPU workers.",
 )
 
-_GPU_SIGNS = ("gpu_memory_used", "gpu-memory-total", "gpu_utilization", "rmm", GPU_KEY)
+_GPU_SIGNS = frozenset(("gpu_memory_used", "gpu-memory-total", "gpu_utilization", "rmm", GPU_KEY))
 
 
-def _approximate(m: Mapping[str, Any]) -> float:
+def _approximate(m: Mapping[str, Any]) -> float | None:
     """0 where the preload's report makes the host breakdown exact, 1 on other GPU workers;
-    KeyError (no series) on a worker that shows no sign of a GPU."""
+    None (no series) on a worker that shows no sign of a GPU."""
+    if m.keys().isdisjoint(_GPU_SIGNS):  # a CPU worker: the common case, kept cheap
+        return None
     report = m.get(GPU_KEY)
     if isinstance(report, Mapping) and report.get("exact") is True:
         return 0.0
     if any(m.get(k) is not None for k in _GPU_SIGNS):
         return 1.0
-    raise KeyError("no GPU")
+    return None
 
 
 def device_managed(m: Mapping[str, Any]) -> int:
@@ -136,13 +142,19 @@ def device_managed(m: Mapping[str, Any]) -> int:
 
 
 GPU_GAUGES: tuple[HeartbeatGauge, ...] = (
-    HeartbeatGauge(WORKER_GPU_MEMORY_USED_BYTES, lambda m: m["gpu_memory_used"]),
-    HeartbeatGauge(WORKER_GPU_MEMORY_TOTAL_BYTES, lambda m: m["gpu-memory-total"]),
-    HeartbeatGauge(WORKER_GPU_UTILIZATION_RATIO, lambda m: m["gpu_utilization"] / 100),
-    HeartbeatGauge(WORKER_GPU_MEMORY_LIMIT_BYTES, lambda m: m[GPU_KEY]["device-memory-limit"]),
-    HeartbeatGauge(WORKER_GPU_MANAGED_BYTES, lambda m: m[GPU_KEY]["device-bytes"]),
-    HeartbeatGauge(WORKER_GPU_RMM_USED_BYTES, lambda m: m["rmm"]["rmm-used"]),
-    HeartbeatGauge(WORKER_GPU_RMM_POOL_BYTES, lambda m: m["rmm"]["rmm-total"]),
+    HeartbeatGauge(WORKER_GPU_MEMORY_USED_BYTES, lambda m: m["gpu_memory_used"], "gpu_memory_used"),
+    HeartbeatGauge(
+        WORKER_GPU_MEMORY_TOTAL_BYTES, lambda m: m["gpu-memory-total"], "gpu-memory-total"
+    ),
+    HeartbeatGauge(
+        WORKER_GPU_UTILIZATION_RATIO, lambda m: m["gpu_utilization"] / 100, "gpu_utilization"
+    ),
+    HeartbeatGauge(
+        WORKER_GPU_MEMORY_LIMIT_BYTES, lambda m: m[GPU_KEY]["device-memory-limit"], GPU_KEY
+    ),
+    HeartbeatGauge(WORKER_GPU_MANAGED_BYTES, lambda m: m[GPU_KEY]["device-bytes"], GPU_KEY),
+    HeartbeatGauge(WORKER_GPU_RMM_USED_BYTES, lambda m: m["rmm"]["rmm-used"], "rmm"),
+    HeartbeatGauge(WORKER_GPU_RMM_POOL_BYTES, lambda m: m["rmm"]["rmm-total"], "rmm"),
     HeartbeatGauge(WORKER_BREAKDOWN_APPROXIMATE, _approximate),
 )
 """The GPU families: drawn in the dashboards' GPU rows rather than the heartbeat row."""
@@ -160,6 +172,8 @@ def read_heartbeat(
     """The values of every declared gauge this heartbeat reports (finite numbers only)."""
     out: dict[Metric, float] = {}
     for g in gauges:
+        if g.key is not None and g.key not in metrics:
+            continue
         try:
             v = g.read(metrics)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError):
