@@ -8,6 +8,8 @@ in test_gpu_device.py.
 
 from __future__ import annotations
 
+import subprocess
+
 from distributed import Client, Scheduler, Worker
 from distributed.sizeof import safe_sizeof
 
@@ -75,6 +77,12 @@ async def test_gpu_series_exact_and_absent_for_a_cpu_worker() -> None:
                 what="device memory rising by 2 GiB",
             )
             assert by_worker_name(s, WORKER_GPU_UTILIZATION_RATIO) == {"gpu": 1.0}
+            # The exposition with the GPU families passes Prometheus' own lint.
+            _, _, body = await ex.get("/metrics")
+            lint = subprocess.run(
+                ["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30
+            )
+            assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
 
 
 async def test_preload_reports_device_limit_and_corrects_managed() -> None:
