@@ -9,6 +9,10 @@ declaration. A worker whose heartbeat lacks a key, or carries a value that is no
 number, gets no series of that family, never a 0: one odd entry hides nothing else.
 
 Adding a heartbeat family is one entry here, its test, and regenerated dashboards.
+
+The GPU families (:data:`GPU_GAUGES`: device memory, RMM, dask-cuda's limit, see docs/gpu.md)
+are read the same way and drawn in the dashboards' GPU rows; :func:`device_managed` is the one
+figure that also changes the memory breakdown (the scheduler source subtracts it from managed).
 """
 
 from __future__ import annotations
