@@ -12,11 +12,13 @@ import contextlib
 import gzip
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -27,6 +29,8 @@ from dask_memory_exporter.memory import MemoryBreakdown, WorkerReading
 from dask_memory_exporter.snapshot import Snapshot, WorkerSnapshot
 from dask_memory_exporter.source import WorkerInfo
 from tests.support.live import parse
+from tests.support.promstack import run_tool
+from tests.support.remediation import REMEDIATION_CONFIG, merged_config
 
 TOKEN = "0123456789abcdef-test-token"
 MiB = 2**20
@@ -502,3 +506,50 @@ async def test_the_app_serves_the_counters_and_exempts_the_webhook_from_nothing_
     client = await aiohttp_client(make_app(off))
     assert (await client.post(r.WEBHOOK_PATH, json=notification(alert()))).status == 404
     assert "dask_memory_remediations_total" not in await (await client.get("/metrics")).text()
+
+
+# --- the example Alertmanager configuration ---------------------------------------------------
+
+
+def _amtool_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_remediation_config_passes_amtool() -> None:
+    _amtool_ok(run_tool("amtool", "check-config", REMEDIATION_CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("labels", "receivers"),
+    [
+        (
+            ["alertname=DaskWorkerMemoryHighNoDataToSpill", "severity=warning"],
+            "dask-remediate,dask-chat",
+        ),
+        (["alertname=DaskWorkerPaused", "severity=warning"], "dask-chat"),
+        (["alertname=DaskWorkerNearTermination", "severity=critical"], "dask-pager"),
+    ],
+)
+def test_merged_into_the_example_config_remediation_comes_first_and_continues(
+    tmp_path: Path, labels: list[str], receivers: str
+) -> None:
+    """Merged as remediation.yaml says: still valid, and the alert still reaches chat."""
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(merged_config(), sort_keys=False))
+    _amtool_ok(run_tool("amtool", "check-config", path))
+    result = run_tool(
+        "amtool", "config", "routes", "test", f"--config.file={path}",
+        f"--verify.receivers={receivers}", *labels,
+    )  # fmt: skip
+    _amtool_ok(result)
+
+
+def test_example_receiver_sends_the_bearer_token_to_the_webhook_path() -> None:
+    config = yaml.safe_load(REMEDIATION_CONFIG.read_text())
+    [receiver] = [x for x in config["receivers"] if x["name"] == "dask-remediate"]
+    [hook] = receiver["webhook_configs"]
+    assert hook["url"].endswith(r.WEBHOOK_PATH)
+    assert hook["http_config"]["authorization"]["type"] == "Bearer"
+    assert "credentials_file" in hook["http_config"]["authorization"]
+    [route] = config["route"]["routes"]
+    assert route["matchers"] == [f'alertname="{r.ALERT}"'] and route["continue"] is True
