@@ -28,7 +28,8 @@ this package installed.
 Every outcome is logged and counted in ``dask_memory_remediations_total{action,result}``; the
 RSS the actions gave back in ``dask_memory_remediation_reclaimed_bytes_total{action}``; the
 webhook's answers in ``dask_memory_remediation_webhook_requests_total{code}``. The counters are
-rendered with the rest of the exposition, re-rendered at once after each batch.
+rendered with the rest of the exposition after each poll, and at once after each batch of
+actions; not after a refused request (401, 4xx), so that a flood of them costs no renders.
 
 What it does not do: choose which alerts deserve remediation (Alertmanager's route does, see
 deploy/alertmanager/remediation.yaml), restart workers, or run anything but gc and trim.
@@ -582,8 +583,8 @@ async def webhook(request: web.Request) -> web.Response:
     except PayloadError as e:
         http_logger.warning("remediation webhook: bad request from %s: %s", request.remote, e)
         return _answer(rem, 400, str(e))
+    rem.stats.request(200)  # counted first: remediate() re-renders the exposition
     outcomes = await rem.remediate(targets)
-    rem.stats.request(200)
     return web.json_response(
         {
             "status": "ok",
