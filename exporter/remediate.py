@@ -28,8 +28,9 @@ this package installed.
 Every outcome is logged and counted in ``dask_memory_remediations_total{action,result}``; the
 RSS the actions gave back in ``dask_memory_remediation_reclaimed_bytes_total{action}``; the
 webhook's answers in ``dask_memory_remediation_webhook_requests_total{code}``. The counters are
-rendered with the rest of the exposition after each poll, and at once after each batch of
-actions; not after a refused request (401, 4xx), so that a flood of them costs no renders.
+rendered with the rest of the exposition after each poll, and at once after actions ran (or
+would have, in a dry run); refusals and rejected requests wait for the next poll, so that a
+flood of them costs no renders.
 
 What it does not do: choose which alerts deserve remediation (Alertmanager's route does, see
 deploy/alertmanager/remediation.yaml), restart workers, or run anything but gc and trim.
@@ -484,7 +485,10 @@ class Remediator:
         for o in outcomes:
             _log(o)
             self.stats.count(o)
-        if outcomes and self.on_counted is not None:
+        # Show what was done at once; refusals wait for the next poll's render, so that a
+        # burst of them (Alertmanager retrying, a noisy route) costs no render each.
+        acted = any(o.result not in (REFUSED, UNKNOWN_WORKER) for o in outcomes)
+        if acted and self.on_counted is not None:
             await self.on_counted()
         return outcomes
 
