@@ -308,6 +308,7 @@ async def test_alert_to_webhook_to_gc_and_trim_then_resolved_and_a_second_alert_
             # 2. The trim worker's heap passes the spill threshold: the alert fires, reaches
             # Alertmanager and the webhook, and gc and trim run on that worker.
             filled = await cluster.fragment("trim", heap)
+            filled_at = time.monotonic()
             assert filled > 0.7 * LIMIT, f"{filled / MiB:.0f} MiB is not above spill"
             before = await exporter.until(
                 lambda s: by_worker_name(s, n.WORKER_PROCESS_BYTES).get("trim", 0) > 0.7 * LIMIT,
@@ -319,6 +320,7 @@ async def test_alert_to_webhook_to_gc_and_trim_then_resolved_and_a_second_alert_
                 "the webhook to run trim",
                 timeout=120,
             )
+            done_at = time.monotonic()
             assert counter(done, REMEDIATIONS, action="gc", result="success") == 1
             assert counter(done, RECLAIMED, action="trim") >= heap // 2
             assert counter(done, REQUESTS, code="200") >= 1
@@ -340,6 +342,7 @@ async def test_alert_to_webhook_to_gc_and_trim_then_resolved_and_a_second_alert_
                 return not in_prometheus and not in_am
 
             await eventually(resolved, "the alert to resolve in Prometheus and Alertmanager")
+            resolved_at = time.monotonic()
             # Only the alerted worker was acted on: the bystander kept its heap.
             assert await cluster.rss("bystander") > bystander_rss - BYSTANDER_HEAP // 4
             assert "worker bystander" not in log.read_text()
@@ -368,7 +371,9 @@ async def test_alert_to_webhook_to_gc_and_trim_then_resolved_and_a_second_alert_
         f"\ntrim worker: base RSS {base / MiB:.0f} MiB, filled {filled / MiB:.0f} MiB, "
         f"trim reclaimed {counter(done, RECLAIMED, action='trim') / MiB:.0f} MiB, "
         f"gc reclaimed {counter(done, RECLAIMED, action='gc') / MiB:.0f} MiB; unmanaged "
-        f"{unmanaged_before / MiB:.0f} -> {_unmanaged(after, 'trim') / MiB:.0f} MiB"
+        f"{unmanaged_before / MiB:.0f} -> {_unmanaged(after, 'trim') / MiB:.0f} MiB; "
+        f"heap built -> remediated {done_at - filled_at:.1f} s (for: 2s), "
+        f"remediated -> resolved {resolved_at - done_at:.1f} s"
     )
 
 
