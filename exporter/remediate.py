@@ -560,8 +560,14 @@ def _log(o: Outcome) -> None:
 REMEDIATOR = web.AppKey("remediator", Remediator)
 
 
-def _answer(rem: Remediator, code: int, message: str, **headers: str) -> web.Response:
+def _answer(
+    rem: Remediator, code: int, message: str, request: web.Request, **headers: str
+) -> web.Response:
+    """A client error: counted, and logged through the rate limit of bad requests (one line
+    per kind per interval, ``server.RateLimitFilter``)."""
     rem.stats.request(code)
+    # The code in the template: the rate limit keeps one line per code, not one for all.
+    http_logger.warning(f"remediation webhook: {code} for %s: %s", request.remote, message)
     return web.json_response({"status": "error", "error": message}, status=code, headers=headers)
 
 
@@ -569,24 +575,26 @@ async def webhook(request: web.Request) -> web.Response:
     """``POST /alertmanager/webhook``: the token first, then the body, then the actions."""
     rem = request.app[REMEDIATOR]
     if not bearer_matches(request.headers.get("Authorization"), rem.token.token):
-        http_logger.warning("remediation webhook: unauthorized request from %s", request.remote)
         return _answer(
-            rem, 401, "unauthorized", **{"WWW-Authenticate": 'Bearer realm="dask-memory-exporter"'}
+            rem,
+            401,
+            "unauthorized",
+            request,
+            **{"WWW-Authenticate": 'Bearer realm="dask-memory-exporter"'},
         )
     if request.content_type != "application/json":
-        return _answer(rem, 415, "expected Content-Type: application/json")
+        return _answer(rem, 415, "expected Content-Type: application/json", request)
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return _answer(rem, 413, f"body over {MAX_BODY} bytes")
+        return _answer(rem, 413, f"body over {MAX_BODY} bytes", request)
     body = bytearray()
     async for chunk in request.content.iter_any():
         body += chunk
         if len(body) > MAX_BODY:
-            return _answer(rem, 413, f"body over {MAX_BODY} bytes")
+            return _answer(rem, 413, f"body over {MAX_BODY} bytes", request)
     try:
         targets, ignored = parse_notification(bytes(body))
     except PayloadError as e:
-        http_logger.warning("remediation webhook: bad request from %s: %s", request.remote, e)
-        return _answer(rem, 400, str(e))
+        return _answer(rem, 400, str(e), request)
     rem.stats.request(200)  # counted first: remediate() re-renders the exposition
     outcomes = await rem.remediate(targets)
     return web.json_response(
