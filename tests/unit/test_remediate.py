@@ -488,7 +488,7 @@ async def test_unknown_workers_failures_and_unavailable_trim_are_counted(
     assert remediations(rem, "gc", "failed") == 1
 
 
-async def test_the_app_serves_the_counters_and_exempts_the_webhook_from_nothing_else(
+async def test_the_app_serves_the_counters_and_without_remediate_has_no_webhook(
     aiohttp_client: AClient, tmp_path: Path
 ) -> None:
     """make_app with --remediate: the counters are in /metrics from the start, at 0; without
@@ -553,3 +553,28 @@ def test_example_receiver_sends_the_bearer_token_to_the_webhook_path() -> None:
     assert "credentials_file" in hook["http_config"]["authorization"]
     [route] = config["route"]["routes"]
     assert route["matchers"] == [f'alertname="{r.ALERT}"'] and route["continue"] is True
+
+
+async def test_basic_auth_of_the_web_config_leaves_the_webhook_to_its_token(
+    aiohttp_client: AClient, tmp_path: Path
+) -> None:
+    """Alertmanager sends one Authorization header: the webhook takes the bearer token, and
+    everything else still needs basic auth."""
+    import bcrypt
+
+    from dask_memory_exporter.app import make_app
+    from dask_memory_exporter.webconfig import WEB_CONFIG, WebConfigWatcher, load_web_config
+
+    web_config = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode()
+    web_config.write_text(yaml.safe_dump({"basic_auth_users": {"alice": hashed}}))
+    app = make_app(settings(tmp_path))
+    app[WEB_CONFIG] = WebConfigWatcher(load_web_config(web_config))
+    client = await aiohttp_client(app)
+    assert (await client.get("/metrics")).status == 401
+    resp = await client.post(r.WEBHOOK_PATH, json=notification(alert()))
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    resp = await client.post(r.WEBHOOK_PATH, json=notification(alert()), headers=auth())
+    assert resp.status == 200  # the worker is not in this app's (empty) Snapshot: nothing runs
+    assert [x["result"] for x in (await resp.json())["results"]] == ["unknown_worker"] * 2
