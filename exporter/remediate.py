@@ -452,7 +452,7 @@ class Remediator:
         self.connect = connect or dask_client(settings)
         self.stats = stats or RemediationStats(self.actions)
         self.on_counted: Callable[[], Awaitable[None]] | None = None
-        """Called after a batch was counted (the app re-renders the exposition)."""
+        """Called after actions ran and were counted (the app re-renders the exposition)."""
 
     def each(self, target: AlertTarget, result: str, detail: str) -> list[Outcome]:
         return [
