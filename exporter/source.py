@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .memory import WorkerReading
+from .memory import MemoryBreakdown, WorkerReading
 from .names import Metric
 
 __all__ = [
@@ -107,6 +107,10 @@ class SourceResult:
     """The source's cluster-wide counters: per family, label values (in the order of the
     family's ``labels``) to the running total. Totals are cumulative, so the Poller keeps
     serving the last ones while the source fails."""
+    memory: Mapping[str, MemoryBreakdown] | None = None
+    """A ready breakdown by worker address (roster sources only), used as it is instead of
+    the model's mirror of the heartbeats: a source inside the scheduler's process reads the
+    scheduler's own ``WorkerState.memory``, exact, sliding window included."""
 
 
 class Source(Protocol):
