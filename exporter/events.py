@@ -57,6 +57,7 @@ __all__ = [
     "RESTART_TOPIC",
     "Departure",
     "EventsSource",
+    "InProcessScheduler",
     "cause_of",
     "read_departure",
 ]
@@ -147,6 +148,29 @@ def _remember(d: OrderedDict[str, Any], key: str, value: Any) -> None:
         d.popitem(last=False)
 
 
+class InProcessScheduler:
+    """The two handlers the source calls, on the scheduler object itself: for the exporter
+    inside the scheduler's process (``preload.py``), where there is nothing to connect to.
+
+    Both are plain reads on the scheduler's event loop: ``identity(n_workers=0)`` copies a few
+    fields, ``get_events`` one topic's deque into a tuple (the events themselves are shared,
+    and only read).
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    async def call(self, op: str, **kwargs: Any) -> Any:
+        if op == "identity":
+            return self.scheduler.identity(n_workers=0)
+        if op == "events":
+            return self.scheduler.get_events(kwargs["topic"])
+        raise ValueError(f"no handler {op!r} here")
+
+    async def close(self) -> None:
+        pass
+
+
 class EventsSource:
     """Outcome counters from the scheduler's event log (see the module docstring)."""
 
@@ -163,10 +187,12 @@ class EventsSource:
         *,
         log_length: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        connection: SchedulerConnection | InProcessScheduler | None = None,
     ) -> None:
         """``log_length``: the scheduler's ``distributed.admin.low-level-log-length`` (a
-        topic that holds this many events may have lost older ones)."""
-        self.connection = SchedulerConnection(address, security, timeout)
+        topic that holds this many events may have lost older ones). ``connection``: how the
+        handlers are called (default: over a comm to ``address``)."""
+        self.connection = connection or SchedulerConnection(address, security, timeout)
         self.log_length = log_length
         self.clock = clock
         self.scheduler_id: str | None = None

@@ -39,10 +39,13 @@ from typing import Any
 import click
 from distributed import Scheduler
 from distributed.comm.addressing import get_address_host
+from distributed.security import Security
 
 from .config import ConfigError, load_settings
+from .events import EventsSource, InProcessScheduler
 from .scheduler_state import SchedulerStateSource
 from .server import ExporterServer, ListenError
+from .source import Source
 
 __all__ = ["PreloadExporter", "dask_setup", "dask_teardown", "running", "scrape_target"]
 
@@ -273,9 +276,20 @@ async def _start(
                 "web_config_file": web_config_file,
             }
         )
+        sources: list[Source] = [SchedulerStateSource(scheduler)]
+        if settings.events:
+            sources.append(
+                EventsSource(
+                    str(scheduler.address),
+                    Security(),
+                    settings.timeout,
+                    log_length=settings.event_log_length,
+                    connection=InProcessScheduler(scheduler),
+                )
+            )
         server = ExporterServer(
             settings,
-            [SchedulerStateSource(scheduler)],
+            sources,
             what=f"inside scheduler {scheduler.address}",
             standalone=False,
         )

@@ -173,6 +173,45 @@ async def test_file_sd_names_the_exporter(live: Cluster) -> None:
     assert live.file_sd.stat().st_mode & 0o777 == 0o644
 
 
+def _leak_until_killed() -> None:
+    """Allocates 8 MiB every 50 ms (written: resident) until the worker's nanny kills it."""
+    import time
+
+    held = []
+    while True:
+        held.append(bytearray(b"\x01" * 8 * 2**20))
+        time.sleep(0.05)
+
+
+async def test_a_nanny_memory_kill_is_counted_inside_the_scheduler(live: Cluster) -> None:
+    """The events source reads the scheduler's log directly: no comm, the same counts."""
+    (address, ws), *_ = live.scheduler.workers.items()
+    name = str(ws.name)
+
+    async def restarts() -> dict[str, float]:
+        status, text = await live.get("/metrics")
+        assert status == 200
+        samples = parse(text)
+        return {
+            dict(k[1])[n.LABEL_WORKER_NAME]: v
+            for k, v in samples.items()
+            if k[0] == n.WORKER_MEMORY_RESTARTS_TOTAL
+        }
+
+    deadline = time.monotonic() + 30
+    while name not in await restarts():
+        assert time.monotonic() < deadline, "no restart series for the worker"
+        await asyncio.sleep(0.2)
+    assert (await restarts())[name] == 0
+    future = live.client.submit(_leak_until_killed, workers=[address], pure=False)
+    deadline = time.monotonic() + 60
+    while (await restarts()).get(name, 0) < 1:
+        assert time.monotonic() < deadline, "the kill was not counted"
+        await asyncio.sleep(0.2)
+    await live.client.cancel([future])  # restricted to the dead address: it cannot run again
+    assert (await restarts())[name] == 1
+
+
 async def test_dask_jobqueue_scheduler_options(tmp_path: Path) -> None:
     """docs/hpc.md's recipe with dask-jobqueue's own SLURMCluster: its scheduler starts in
     this process with the preload. (No job is submitted: there is no batch system here; the
