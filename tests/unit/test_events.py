@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from distributed import Scheduler
 from distributed.security import Security
 
 from dask_memory_exporter import names as n
@@ -20,6 +21,7 @@ from dask_memory_exporter.events import (
     MAX_TOPICS_PER_POLL,
     RESTART_TOPIC,
     EventsSource,
+    InProcessScheduler,
     cause_of,
     read_departure,
 )
@@ -301,3 +303,16 @@ def test_causes_from_the_scheduler_stimulus() -> None:
     assert read_departure(A, [(1.0, {"action": "remove-worker", "expected": True})]) is None
     odd = read_departure(A, [(1.0, {"action": "remove-worker", "lost-computed-tasks": 3})])
     assert odd is not None and dict(odd.tasks)[n.TASKS_COMPUTED] == 0
+
+
+async def test_in_process_calls_read_a_real_schedulers_log() -> None:
+    """Inside the scheduler (the preload) the same handlers are called on the object itself."""
+    async with Scheduler(port=0, dashboard_address=":0", validate=False) as sched:
+        sched.log_event(RESTART_TOPIC, {"worker": A, "pid": 1, "rss": 1})
+        s = EventsSource(
+            sched.address, Security(), 5, connection=InProcessScheduler(sched), clock=Clock()
+        )
+        result = await s.fetch(workers(info(A2, "a")))
+        assert result.counters[n.WORKER_MEMORY_RESTARTS_TOTAL] == {("a",): 1.0}
+        with pytest.raises(ValueError, match="no handler"):
+            await InProcessScheduler(sched).call("run_function")
