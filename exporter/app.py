@@ -27,6 +27,7 @@ from .config import Settings
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
+from .probe import EventLoopProbe, SidecarSource
 from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
@@ -50,20 +51,27 @@ class ExporterState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._keep = settings.metric_filter()
         self.exposition = Exposition.render(
             Snapshot(
                 time=time.time(),
                 thresholds=settings.thresholds,
-                has_scheduler=settings.scheduler is not None,
+                has_scheduler=settings.scheduler is not None and settings.mode != "local",
             ),
             process_metrics=settings.process_metrics,
+            keep=self._keep,
+            totals_only=settings.cluster_totals_only,
         )
         self.poller: Poller | None = None
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Render off the event loop, then swap: scrapes keep getting the previous bytes."""
         self.exposition = await asyncio.to_thread(
-            Exposition.render, snapshot, process_metrics=self.settings.process_metrics
+            Exposition.render,
+            snapshot,
+            process_metrics=self.settings.process_metrics,
+            keep=self._keep,
+            totals_only=self.settings.cluster_totals_only,
         )
 
     @property
@@ -79,15 +87,22 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     """The Poller for these settings, publishing into ``state``.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
-    exporter, joined with the scheduler's data when an address is given. ``both``: every
-    worker the scheduler knows, with direct RSS for the local ones.
+    exporter and the event-loop probe, with no scheduler call (a scheduler address only
+    picks out its own ``dask worker`` processes). ``both``: every worker the scheduler
+    knows, with direct RSS for the local ones.
     """
     sources: list[Source] = []
-    if settings.scheduler:
+    if settings.scheduler and settings.mode != "local":
+        # A worker sidecar (mode local) never calls the scheduler: N sidecars would cost it
+        # N whole-cluster answers per heartbeat (docs/sidecar.md, "Scaling").
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
-        sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
+        local = LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler)
+        probe = None
+        if settings.worker_probe_url:
+            probe = EventLoopProbe(settings.worker_probe_url, settings.timeout)
+        sources.append(SidecarSource(local, probe))
     return Poller(
         sources,
         MemoryModel(settings.recent_to_old_time),
