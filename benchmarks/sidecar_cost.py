@@ -1,4 +1,4 @@
-"""What worker sidecars cost the scheduler: scheduler CPU per heartbeat interval against their number.
+"""Worker sidecars' cost to the scheduler: its CPU per heartbeat interval by sidecar count.
 
 Run: ``.venv/bin/python -m benchmarks.sidecar_cost`` (about two minutes). Not a test.
 
@@ -56,7 +56,7 @@ async def serve(n: int) -> None:
     """Run a scheduler with one real worker and n - 1 fakes; print its address; run forever."""
     async with LocalCluster(
         n_workers=1, processes=False, threads_per_worker=1, host="127.0.0.1",
-        scheduler_port=0, dashboard_address=":0", asynchronous=True,
+        scheduler_port=0, dashboard_address="127.0.0.1:0", asynchronous=True, protocol="tcp",
     ) as cluster:  # fmt: skip
         scheduler = cluster.scheduler
         await asyncio.sleep(1.5)  # a few heartbeats: the real worker's metrics are filled
@@ -136,7 +136,7 @@ async def measure_new(
         assert not any(isinstance(r.source, SchedulerSource) for r in poller.runners)
         for r in poller.runners:
             if isinstance(r.source, SidecarSource):
-                r.source.local.read = _stub_read.__get__(r.source.local)  # type: ignore[method-assign]
+                r.source.local.read = _stub_read.__get__(r.source.local)
         pollers.append(poller)
     conns0 = len(sched.net_connections(kind="tcp"))
     tasks = [asyncio.create_task(p.run()) for p in pollers]
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=1000)
-    p.add_argument("--old", default="1,5,20", help="sidecar counts for the old design")
+    p.add_argument("--old", default="5,20,50", help="sidecar counts for the old design")
     p.add_argument("--new", type=int, default=1000, help="sidecar count for the new design")
     p.add_argument("--seconds", type=float, default=18.0)
     args = p.parse_args(argv)

@@ -159,6 +159,13 @@ WORKER_HEARTBEAT_PROCESS_BYTES: Final = worker_gauge(
     "(sidecar modes): the two part while the worker's event loop is blocked.",
     unit="bytes",
 )
+WORKER_EVENT_LOOP_PROBE_SECONDS: Final = worker_gauge(
+    "dask_memory_worker_event_loop_probe_seconds",
+    "Seconds the worker's event loop took to answer the sidecar's probe of its own HTTP "
+    "endpoint, or, while unanswered, has kept it waiting so far: climbs while the loop is "
+    "blocked (mode local with --worker-probe-url).",
+    unit="seconds",
+)
 
 WORKER_FAMILIES: Final = (
     WORKER_PROCESS_BYTES,

@@ -30,21 +30,13 @@ from dataclasses import replace
 
 import aiohttp
 
-from .names import SOURCE_LOCAL, Metric, worker_gauge
+from .names import SOURCE_LOCAL, WORKER_EVENT_LOOP_PROBE_SECONDS, Metric
 from .process import REASON_UNREADABLE, LocalProcessSource, source_result
 from .source import SourceResult, WorkerInfo
 
-__all__ = ["WORKER_EVENT_LOOP_PROBE_SECONDS", "EventLoopProbe", "SidecarSource"]
+__all__ = ["EventLoopProbe", "SidecarSource"]
 
 logger = logging.getLogger(__name__)
-
-WORKER_EVENT_LOOP_PROBE_SECONDS = worker_gauge(
-    "dask_memory_worker_event_loop_probe_seconds",
-    "Seconds the worker's event loop took to answer the sidecar's probe of its own HTTP "
-    "endpoint, or, while unanswered, has kept it waiting so far: climbs while the loop is "
-    "blocked.",
-    unit="seconds",
-)
 
 _WAIT_FOR_ANSWER = 0.5
 """How long one fetch waits for a probe's answer before reporting its age so far."""
