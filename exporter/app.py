@@ -250,13 +250,22 @@ async def landing(request: web.Request) -> web.Response:
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
         *(["RSS from the OS MiB"] if with_rss else []), *(_column(m) for m in extra),
     ]  # fmt: skip
+    local_extra = [m for m in snap.families if any(m in p.values for p in snap.local_only)]
     local_rows = "".join(
-        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td></tr>"
+        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td>"
+        + "".join(f"<td>{_cell(m, p.values.get(m))}</td>" for m in local_extra)
+        + "</tr>"
         for p in sorted(snap.local_only, key=lambda p: p.name)
     )
+    local_heads = "".join(f"<th>{esc(_column(m))}</th>" for m in local_extra)
+    local_title = (
+        "Worker processes the scheduler has not reported"
+        if snap.has_scheduler
+        else "Worker processes beside the exporter"
+    )
     local_table = (
-        "<h2>Worker processes the scheduler has not reported</h2>\n"
-        "<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th></tr>"
+        f"<h2>{local_title}</h2>\n"
+        f"<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th>{local_heads}</tr>"
         f"{local_rows}</table>"
         if local_rows
         else ""

@@ -427,6 +427,8 @@ async def test_probe_shows_a_blocked_event_loop_within_seconds(
         )
         assert by_labels(s, name)[("", "probed")] < 1.0
         assert ("", "probed") in by_labels(s, n.WORKER_RSS_BYTES)
+        _, _, page = await ex.get("/")
+        assert b"Worker processes beside the exporter" in page and b"event loop probe" in page
         async with Client(address, asynchronous=True) as client:
             fut = client.submit(hold_gil_and_grow, 10.0, 1 * MiB, pure=False)
             started = time.monotonic()
