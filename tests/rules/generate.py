@@ -383,9 +383,7 @@ def alert_tests() -> list[dict[str, Any]]:
                     limit="1e9x15",
                 ),
                 # the recorded joins of the sidecar's series (tested in recording-test.yaml)
-                Inline(
-                    series=WORKER_LIVE_LIMIT_RATIO + selector(joined), values="0.5x2 0.85x12"
-                ),
+                Inline(series=WORKER_LIVE_LIMIT_RATIO + selector(joined), values="0.5x2 0.85x12"),
                 Inline(series=WORKER_PROBE_SECONDS + selector(joined), values="0.01x4 30+30x10"),
             ],
             "alert_rule_test": [

@@ -44,8 +44,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
     "worker_probe_url": ("http://127.0.0.1:8788/health", "http://127.0.0.1:8788/health"),
     "metric_allowlist": ("dask_memory_worker_.*", "dask_memory_worker_.*"),
-    "metric_denylist": ("process_.*,dask_memory_worker_threshold_ratio",
-                        "process_.*,dask_memory_worker_threshold_ratio"),
+    "metric_denylist": (
+        "process_.*,dask_memory_worker_threshold_ratio",
+        "process_.*,dask_memory_worker_threshold_ratio",
+    ),
     "cluster_totals_only": ("true", True),
 }
 
