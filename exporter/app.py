@@ -13,9 +13,10 @@ import contextlib
 import html
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from .collector import (
     OPENMETRICS_CONTENT_TYPE,
@@ -24,17 +25,19 @@ from .collector import (
     package_version,
 )
 from .config import Settings
+from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
 from .probe import EventLoopProbe, SidecarSource
 from .process import LocalProcessSource, use_proc_root
+from .remediate import REMEDIATOR, WEBHOOK_PATH, Remediator, install
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 from .source import Source
 from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
-__all__ = ["ExporterState", "make_app"]
+__all__ = ["ExporterState", "make_app", "make_poller", "make_sources"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
@@ -47,32 +50,54 @@ VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
-    """The current Exposition, swapped atomically after each poll."""
+    """The current Exposition, swapped atomically after each poll, and what the Poller polls.
 
-    def __init__(self, settings: Settings) -> None:
+    ``collectors`` are rendered beside the Snapshot's families: counters that change between
+    polls (remediation), re-rendered with :meth:`republish`. ``sources``: the sources to poll,
+    None for those the settings ask for.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        collectors: Sequence[Collector] = (),
+        sources: Sequence[Source] | None = None,
+    ) -> None:
         self.settings = settings
         self._keep = settings.metric_filter()
-        self.exposition = Exposition.render(
-            Snapshot(
-                time=time.time(),
-                thresholds=settings.thresholds,
-                has_scheduler=settings.scheduler is not None and settings.mode != "local",
-            ),
-            process_metrics=settings.process_metrics,
-            keep=self._keep,
-            totals_only=settings.cluster_totals_only,
+        self.collectors = tuple(collectors)
+        self.sources = None if sources is None else tuple(sources)
+        self._latest = Snapshot(
+            time=time.time(),
+            thresholds=settings.thresholds,
+            has_scheduler=settings.scheduler is not None and settings.mode != "local",
         )
+        self._render_lock = asyncio.Lock()
+        self.exposition = self._render(self._latest)
         self.poller: Poller | None = None
 
-    async def publish(self, snapshot: Snapshot) -> None:
-        """Render off the event loop, then swap: scrapes keep getting the previous bytes."""
-        self.exposition = await asyncio.to_thread(
-            Exposition.render,
+    def _render(self, snapshot: Snapshot) -> Exposition:
+        return Exposition.render(
             snapshot,
             process_metrics=self.settings.process_metrics,
+            collectors=self.collectors,
             keep=self._keep,
             totals_only=self.settings.cluster_totals_only,
         )
+
+    async def publish(self, snapshot: Snapshot) -> None:
+        """Render off the event loop, then swap: scrapes keep getting the previous bytes.
+
+        One render at a time, always of the latest Snapshot, so a republish never puts an
+        older poll back.
+        """
+        self._latest = snapshot
+        await self.republish()
+
+    async def republish(self) -> None:
+        """Render the latest Snapshot again (the collectors changed)."""
+        async with self._render_lock:
+            self.exposition = await asyncio.to_thread(self._render, self._latest)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -83,8 +108,8 @@ STATE = web.AppKey("state", ExporterState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_poller(settings: Settings, state: ExporterState) -> Poller:
-    """The Poller for these settings, publishing into ``state``.
+def make_sources(settings: Settings) -> list[Source]:
+    """The sources these settings ask for.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
     exporter and the event-loop probe, with no scheduler call (a scheduler address only
@@ -98,13 +123,23 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
-        local = LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler)
+        gpu = NvmlReader.open() if settings.nvml else None
+        local = LocalProcessSource(
+            settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu
+        )
         probe = None
         if settings.worker_probe_url:
             probe = EventLoopProbe(settings.worker_probe_url, settings.timeout)
         sources.append(SidecarSource(local, probe))
+    return sources
+
+
+def make_poller(
+    settings: Settings, state: ExporterState, sources: Sequence[Source] | None = None
+) -> Poller:
+    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for."""
     return Poller(
-        sources,
+        make_sources(settings) if sources is None else sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
@@ -115,11 +150,22 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     )
 
 
-def make_app(settings: Settings) -> web.Application:
-    """Build the aiohttp application; polling starts when the app starts."""
+def make_app(settings: Settings, sources: Sequence[Source] | None = None) -> web.Application:
+    """Build the aiohttp application; polling starts when the app starts.
+
+    ``sources``: the sources to poll, instead of those the settings ask for (the scheduler
+    preload hands over its in-process source). With ``--remediate``, the Alertmanager
+    webhook too (ConfigError if its token file is unusable).
+    """
     app = web.Application(middlewares=[_basic_auth])
-    state = ExporterState(settings)
+    remediator: Remediator | None = None
+    if settings.remediate:
+        remediator = Remediator(settings, lambda: state.snapshot)
+    state = ExporterState(settings, [remediator.stats] if remediator else [], sources)
     app[STATE] = state
+    if remediator is not None:
+        remediator.on_counted = state.republish
+        install(app, remediator)
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -131,7 +177,7 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.poller = make_poller(state.settings, state)
+    state.poller = make_poller(state.settings, state, state.sources)
     task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
     yield
     task.cancel()
@@ -141,12 +187,15 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def _basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Basic auth from the web configuration file, if it names users; probes are exempt."""
+    """Basic auth from the web configuration file, if it names users; probes are exempt, and
+    so is the remediation webhook, which requires its own bearer token (Alertmanager sends
+    one Authorization header: basic or bearer, not both)."""
     watcher = request.app.get(WEB_CONFIG)
     if (
         watcher is None
         or not watcher.auth_required
         or request.path in UNAUTHENTICATED_PATHS
+        or (request.path == WEBHOOK_PATH and REMEDIATOR in request.app)
         or await watcher.authorized(request.headers.get("Authorization"))
     ):
         return await handler(request)

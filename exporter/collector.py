@@ -10,7 +10,7 @@ collect() never awaits and never does I/O.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -316,19 +316,22 @@ class Exposition:
         process_metrics: bool = True,
         keep: Callable[[str], bool] | None = None,
         totals_only: bool = False,
+        collectors: Sequence[Collector] = (),
     ) -> Exposition:
-        """Render a Snapshot (CPU-bound: the caller runs it off the event loop).
+        """Render a Snapshot, and ``collectors`` beside it (CPU-bound: the caller runs it off
+        the event loop).
 
         ``keep``: the metric filter of the allow or deny list (None: every family);
         ``totals_only``: cluster totals instead of the per-worker families.
         """
         registry = CollectorRegistry(auto_describe=False)
-        collectors: list[Collector] = [
-            SnapshotCollector(snapshot, workers=False, totals=totals_only)
+        rendered: list[Collector] = [
+            SnapshotCollector(snapshot, workers=False, totals=totals_only),
+            *collectors,
         ]
         if process_metrics:
-            collectors.append(ProcessCollector(registry=None))
-        for c in collectors:
+            rendered.append(ProcessCollector(registry=None))
+        for c in rendered:
             registry.register(c if keep is None else _Filtered(c, keep))
         workers = b"" if totals_only else write_worker_families(snapshot, keep).encode()
         text = workers + generate_latest(registry)

@@ -31,7 +31,7 @@ from dataclasses import replace
 import aiohttp
 
 from .names import SOURCE_LOCAL, WORKER_EVENT_LOOP_PROBE_SECONDS, Metric
-from .process import REASON_UNREADABLE, LocalProcessSource, source_result
+from .process import REASON_UNREADABLE, LocalProcessSource
 from .source import SourceResult, WorkerInfo
 
 __all__ = ["EventLoopProbe", "SidecarSource"]
@@ -135,13 +135,13 @@ class SidecarSource:
         self.local = local
         self.probe = probe
         self.families: tuple[Metric, ...] = (
-            (WORKER_EVENT_LOOP_PROBE_SECONDS,) if probe is not None else ()
+            *local.families,
+            *((WORKER_EVENT_LOOP_PROBE_SECONDS,) if probe is not None else ()),
         )
         self._warned_several = False
 
     async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
-        reading = await asyncio.to_thread(self.local.read, workers)
-        result = source_result(reading)
+        result = await self.local.fetch(workers)
         if self.probe is None:
             return result
         seconds = await self.probe.seconds()
@@ -162,9 +162,12 @@ class SidecarSource:
                 )
             return result
         if result.rss:
-            return replace(result, values={next(iter(result.rss)): values})
-        proc = replace(result.local_only[0], values=values)
-        return replace(result, local_only=(proc,))
+            addr = next(iter(result.rss))
+            return replace(
+                result, values={**result.values, addr: {**result.values.get(addr, {}), **values}}
+            )
+        p = result.local_only[0]
+        return replace(result, local_only=(replace(p, values={**p.values, **values}),))
 
     async def close(self) -> None:
         await self.local.close()

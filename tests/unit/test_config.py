@@ -35,6 +35,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "terminate": ("0.9", 0.9),
     "proc_root": ("/host/proc", "/host/proc"),
     "process_metrics": ("false", False),
+    "nvml": ("false", False),
     "log_level": ("debug", "DEBUG"),
     "tls_ca_file": ("/certs/ca.pem", "/certs/ca.pem"),
     "tls_cert": ("/certs/cert.pem", "/certs/cert.pem"),
@@ -49,6 +50,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
         "process_.*,dask_memory_worker_threshold_ratio",
     ),
     "cluster_totals_only": ("true", True),
+    "remediate": ("trim,gc", ("gc", "trim")),
+    "remediate_token_file": ("/etc/token", "/etc/token"),
+    "remediate_interval": ("15m", 900.0),
+    "remediate_dry_run": ("true", True),
 }
 
 
@@ -155,6 +160,8 @@ def test_every_field_is_an_option_and_a_variable(
     assert set(SAMPLES) == set(Settings.model_fields), "add a sample for each new field"
     raw, expected = SAMPLES[name]
     base = {} if name == "scheduler" else {"DASK_SCHEDULER_ADDRESS": SCHEDULER}
+    if name == "remediate":  # which needs its token
+        base[ENV_PREFIX + "REMEDIATE_TOKEN_FILE"] = "/etc/token"
     for var, value in base.items():
         monkeypatch.setenv(var, value)
     field = Settings.model_fields[name]
@@ -238,7 +245,7 @@ def test_readme_options_table_lists_every_option(
     documented = set(re.findall(r"`(--[\w-]+)`", table))
     monkeypatch.setenv("COLUMNS", "1000")
     options = set(_help_lines(["serve", "--help"], capsys)) - {"--help"}
-    options |= {"--no-process-metrics"}
+    options |= {"--no-process-metrics", "--no-nvml"}
     assert documented == options
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from dask_memory_exporter import names as n
 from dask_memory_exporter.probe import EventLoopProbe, SidecarSource
+from dask_memory_exporter.process import LocalProcessSource
 from dask_memory_exporter.source import LocalOnlyProcess, SourceResult
 from tests.support.live import free_port
 
@@ -76,7 +77,7 @@ async def test_probe_of_nothing_listening_has_no_value() -> None:
 
 
 def test_probe_attaches_to_the_only_worker_process() -> None:
-    source = SidecarSource(local=None, probe=None)  # type: ignore[arg-type]
+    source = SidecarSource(local=LocalProcessSource(), probe=None)
     one = SourceResult(local_only=(LocalOnlyProcess("w", 1, 10),))
     attached = source._attach(one, 2.5)
     assert attached.local_only[0].values == {n.WORKER_EVENT_LOOP_PROBE_SECONDS: 2.5}
