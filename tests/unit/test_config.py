@@ -42,6 +42,12 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "http_max_connections": ("64", 64),
     "http_idle_timeout": ("2s", 2.0),
     "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
+    "gateway": ("http://gateway.example:8000/", "http://gateway.example:8000"),
+    "gateway_proxy_address": ("gateway://proxy:8786", "gateway://proxy:8786"),
+    "gateway_auth": ("basic", "basic"),
+    "gateway_user": ("monitor", "monitor"),
+    "gateway_api_token_file": ("/secrets/token", "/secrets/token"),
+    "gateway_list_interval": ("30s", 30.0),
 }
 
 
@@ -148,6 +154,8 @@ def test_every_field_is_an_option_and_a_variable(
     assert set(SAMPLES) == set(Settings.model_fields), "add a sample for each new field"
     raw, expected = SAMPLES[name]
     base = {} if name == "scheduler" else {"DASK_SCHEDULER_ADDRESS": SCHEDULER}
+    if name == "gateway":  # which needs a readable credential file (any non-empty file)
+        base = {ENV_PREFIX + "GATEWAY_API_TOKEN_FILE": __file__}
     for var, value in base.items():
         monkeypatch.setenv(var, value)
     field = Settings.model_fields[name]
