@@ -105,8 +105,9 @@ def _plugin_gauge(metric: Metric) -> WorkerGauge:
 
 
 def worker_gauges(snapshot: Snapshot) -> tuple[WorkerGauge, ...]:
-    """Every per-worker family of a Snapshot: the core ones, then the sources' own."""
-    return CORE_GAUGES + tuple(_plugin_gauge(m) for m in snapshot.families)
+    """Every per-worker family of a Snapshot: the core ones, then the sources' own (in gateway
+    mode, those of every cluster)."""
+    return _all_gauges(cluster_parts(snapshot))
 
 
 class SnapshotCollector(Collector):
@@ -237,10 +238,6 @@ def _family(metric: Metric, values: list[tuple[dict[str, str], float]]) -> Gauge
     for labels, value in values:
         fam.add_sample(metric.name, labels, value)
     return fam
-
-
-def _gauge(metric: Metric, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(metric, metric.help, value=value)
 
 
 def _labelled(metric: Metric) -> GaugeMetricFamily:
