@@ -6,7 +6,8 @@ pod is built here by the gateway's Kubernetes controller (``KubeController.make_
 dask-gateway-server on PyPI, which merges the extra config and appends to lists), not by hand.
 The pod must validate, the exporter container must come after the scheduler's with its port
 and the gateway's credential volume; and its arguments, with credentials made by the gateway's
-own ``new_keypair``, must reach a real TLS scheduler configured as the pod's scheduler is.
+own ``new_keypair``, must reach a real TLS scheduler configured as the pod's scheduler is. The
+PodMonitor of the recipe must select that pod and label it with the gateway's cluster name.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from dask_gateway_server.backends.kubernetes.backend import KubeClusterConfig
-from dask_gateway_server.backends.kubernetes.controller import KubeController
+from dask_gateway_server.backends.kubernetes.controller import KubeController, get_cluster_key
 from dask_gateway_server.tls import new_keypair
 from distributed import Scheduler, Worker
 from distributed.security import Security
@@ -27,6 +29,7 @@ from distributed.security import Security
 from dask_memory_exporter import names as n
 from dask_memory_exporter.cli import build_parser
 from dask_memory_exporter.config import Settings, load_settings
+from tests.deploy.test_manifests import _crd_schemas
 from tests.support.live import by_worker_name, free_port, scalar, serve_exporter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,3 +164,25 @@ async def test_the_sidecar_arguments_reach_a_scheduler_set_up_as_the_gateway_doe
     finally:
         await worker.close()
         await scheduler.close()
+
+
+def test_the_podmonitor_selects_the_rendered_pod_and_names_its_cluster() -> None:
+    """Valid against the PodMonitor CRD; its selector matches the pod's labels, its port is the
+    exporter's, and its relabelling builds the gateway's cluster name NAMESPACE.NAME."""
+    monitor = yaml.safe_load((ROOT / "deploy" / "dask-gateway" / "podmonitor.yaml").read_text())
+    (schema,) = _crd_schemas()["PodMonitor"].values()
+    jsonschema.validate(monitor, schema)
+    pod = scheduler_pod()
+    labels = pod["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in containers(pod)["memory-exporter"]["ports"]}
+    (relabel,) = [r for r in endpoint["relabelings"] if r["targetLabel"] == "cluster"]
+    meta = {
+        "__meta_kubernetes_namespace": "dask",
+        "__meta_kubernetes_pod_label_gateway_dask_org_cluster": labels["gateway.dask.org/cluster"],
+    }
+    assert relabel["separator"].join(meta[s] for s in relabel["sourceLabels"]) == "dask.abc"
+    # ... the key the gateway's own controller gives the pod's cluster (its API's name for it)
+    pod["metadata"]["namespace"] = "dask"
+    assert get_cluster_key(pod) == "dask.abc"
