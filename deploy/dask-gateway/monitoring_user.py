@@ -10,8 +10,8 @@
 # here get every user's running clusters, with their TLS credentials (which let a client do
 # anything on those schedulers: guard this user's token like an administrator's). Every other
 # request (get, scale, stop a cluster) still checks ownership as before.
-# Everything is inside the function: the Helm chart runs extraConfig with exec() and separate
-# global and local namespaces, where functions do not see the snippet's top-level names.
+# The chart pastes gateway.extraConfig after its own settings (backend_class KubeBackend);
+# everything is inside one function so that the snippet defines no names in that file.
 
 
 def _with_monitoring_users(config):

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,14 @@ def run_exporter(
             proc.wait(timeout=10)
 
 
+def readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return parse(r.read().decode())
@@ -113,6 +122,11 @@ async def test_every_cluster_of_a_gateway_is_exported_with_its_name(tmp_path: Pa
                 ) as prom,
             ):
                 await _scenario(gw, alice, bob, port, prom, exporter)
+            log = (tmp_path / "exporter.log").read_text()
+            assert "Traceback" not in log, log
+            # The outage is logged once (the proxy's 502 or a refused connection, whichever
+            # came first), not at every retry: the counter has the rest.
+            assert log.count("gateway listing failed") == 1, log
         finally:
             for client in (alice, bob):
                 # Clusters a failed run left (the scenario ends with the gateway stopped, and
@@ -151,6 +165,7 @@ async def _scenario(
         assert samples[(n.SCHEDULER_UP, ((n.LABEL_CLUSTER, cluster),))] == 1
     assert samples[(GATEWAY_UP, ())] == 1
     assert samples[(GATEWAY_CLUSTERS, ())] == 2
+    assert await asyncio.to_thread(readyz, port) == 200
 
     # Prometheus: raw series labelled by cluster, and the recording rules per cluster.
     async def in_prometheus(expr: str, expected: dict[str, float]) -> bool:
@@ -191,4 +206,5 @@ async def _scenario(
         return s.get((GATEWAY_UP, ())) == 0 and source_errors(s, "gateway", "refused") >= 2
 
     await eventually(gateway_down, DEADLINE, "gateway errors counted")
+    assert await asyncio.to_thread(readyz, port) == 503
     assert exporter.poll() is None, "the exporter must not exit when the gateway is down"
