@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +25,12 @@ from pathlib import Path
 import pytest
 
 from dask_memory_exporter import names as n
+from dask_memory_exporter.dashboards import CLUSTER_FILE
+from dask_memory_exporter.dashboards import render_files as render_dashboards
 from dask_memory_exporter.gateway import GATEWAY_CLUSTERS, GATEWAY_UP
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import CLUSTER_WORKERS, render_files
+from tests.e2e.test_dashboard_queries import grafana_regex_escape, queries, run
 from tests.support.gateway import EXPORTER_USER, PASSWORD, GatewayServer, run_gateway, stop_gateway
 from tests.support.live import Samples, eventually, parse, source_errors
 from tests.support.promstack import Prometheus, free_port, run_prometheus
@@ -110,6 +115,22 @@ async def prom_counts(prom: Prometheus, expr: str) -> dict[str, float]:
     return {s.labels.get("cluster", ""): s.value for s in samples}
 
 
+def check_dashboard_per_cluster(prom: Prometheus, workers: dict[str, int]) -> None:
+    """Every query of the cluster dashboard runs with one cluster chosen in its ``cluster``
+    variable (as Grafana formats it), and its Workers panel counts that cluster's only."""
+    doc = json.loads(render_dashboards(MixinConfig())[CLUSTER_FILE])
+    at = time.time()
+    grafana = {"__rate_interval": "4s", "__interval": "1s", "__range": "5m", "datasource": ""}
+    every = {"namespace": ".*", "job": ".*", "instance": ".*", "worker": ".*"}
+    for cluster, expected in workers.items():
+        values = {**grafana, **every, "cluster": grafana_regex_escape(cluster)}
+        shown = {}
+        for q in queries(doc, CLUSTER_FILE):
+            shown[q.title] = run(prom, q, values, at)  # raises on a PromQL error
+        assert [s.value for s in shown["Workers"]] == [expected], (cluster, shown["Workers"])
+        assert {s.labels["cluster"] for s in shown["variable: cluster"]} == set(workers)
+
+
 async def test_every_cluster_of_a_gateway_is_exported_with_its_name(tmp_path: Path) -> None:
     port = free_port()
     with run_gateway(tmp_path / "gateway") as gw:
@@ -176,6 +197,8 @@ async def _scenario(
     await eventually(
         lambda: in_prometheus(CLUSTER_WORKERS, {a.name: 1, b.name: 2}), DEADLINE, CLUSTER_WORKERS
     )
+
+    await asyncio.to_thread(check_dashboard_per_cluster, prom, {a.name: 1, b.name: 2})
 
     # Scaling one cluster shows in its series only.
     await a.scale(2)
