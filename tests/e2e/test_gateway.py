@@ -96,6 +96,11 @@ def readyz(port: int) -> int:
         return int(e.code)
 
 
+def fetch(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return str(r.read().decode())
+
+
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return parse(r.read().decode())
@@ -187,6 +192,9 @@ async def _scenario(
     assert samples[(GATEWAY_UP, ())] == 1
     assert samples[(GATEWAY_CLUSTERS, ())] == 2
     assert await asyncio.to_thread(readyz, port) == 200
+    page = await asyncio.to_thread(fetch, port, "/")
+    assert f"Gateway {gw.url}: <b>up</b>; 2 clusters (0 unreachable)" in page, page
+    assert page.count(f"<td>{a.name}</td>") == 1 and page.count(f"<td>{b.name}</td>") == 2, page
 
     # Prometheus: raw series labelled by cluster, and the recording rules per cluster.
     async def in_prometheus(expr: str, expected: dict[str, float]) -> bool:
