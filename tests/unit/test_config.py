@@ -48,6 +48,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "gateway_user": ("monitor", "monitor"),
     "gateway_api_token_file": ("/secrets/token", "/secrets/token"),
     "gateway_list_interval": ("30s", 30.0),
+    "remediate": ("trim,gc", ("gc", "trim")),
+    "remediate_token_file": ("/etc/token", "/etc/token"),
+    "remediate_interval": ("15m", 900.0),
+    "remediate_dry_run": ("true", True),
 }
 
 
@@ -156,6 +160,8 @@ def test_every_field_is_an_option_and_a_variable(
     base = {} if name == "scheduler" else {"DASK_SCHEDULER_ADDRESS": SCHEDULER}
     if name == "gateway":  # which needs a readable credential file (any non-empty file)
         base = {ENV_PREFIX + "GATEWAY_API_TOKEN_FILE": __file__}
+    if name == "remediate":  # which needs its token
+        base[ENV_PREFIX + "REMEDIATE_TOKEN_FILE"] = "/etc/token"
     for var, value in base.items():
         monkeypatch.setenv(var, value)
     field = Settings.model_fields[name]
