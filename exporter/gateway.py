@@ -378,4 +378,3 @@ class GatewayPoller:
             await poller.close()
         self.pollers.clear()
         await self.lister.close()
-

@@ -338,6 +338,8 @@ def test_gateway_takes_the_place_of_the_scheduler(
         (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--mode", "local"],
          "--gateway works only with --mode scheduler"),
         (["--gateway-proxy-address", "nowhere"], "--gateway-proxy-address: expected HOST:PORT"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--remediate", "gc",
+          "--remediate-token-file", "TOKEN"], "--remediate works with --scheduler only"),
         (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--gateway-auth", "x"],
          "--gateway-auth"),
     ],
