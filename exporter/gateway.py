@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import socket
@@ -162,15 +163,16 @@ class GatewayLister:
         where = self.address
         if isinstance(e, asyncio.TimeoutError):
             return SourceError(REASON_TIMEOUT, f"no answer from {where} within {self.timeout:g} s")
+        # Not JSON, or not the listing's shape: --gateway names some other web server.
+        if isinstance(e, aiohttp.ContentTypeError | json.JSONDecodeError | KeyError | TypeError):
+            return SourceError(REASON_DECODE, f"malformed listing from {where}: {_line(e)}")
         if isinstance(e, aiohttp.ClientResponseError):
             if e.status in (401, 403):
                 return SourceError(
                     REASON_AUTH, f"{where} refused the credential (HTTP {e.status}): {e.message}"
                 )
             return SourceError(REASON_HTTP, f"{where} answered HTTP {e.status}: {e.message}")
-        if isinstance(e, GatewayServerError | ValueError) and not isinstance(
-            e, aiohttp.ContentTypeError
-        ):
+        if isinstance(e, GatewayServerError | ValueError):  # the client's 404, 422 and 500
             return SourceError(REASON_HTTP, f"{where} failed: {_line(e)}")
         if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError):
             return SourceError(REASON_TLS, f"TLS with {where} failed: {_line(e)}")
@@ -183,8 +185,6 @@ class GatewayLister:
             return SourceError(REASON_UNREACHABLE, f"{where}: {_line(e)}")
         if isinstance(e, aiohttp.ClientError | OSError):
             return SourceError(REASON_UNREACHABLE, f"{where}: {_line(e)}")
-        if isinstance(e, KeyError | TypeError | aiohttp.ContentTypeError):
-            return SourceError(REASON_DECODE, f"malformed listing from {where}: {_line(e)}")
         return SourceError(REASON_OTHER, f"listing {where} failed: {_line(e)}")
 
     async def close(self) -> None:

@@ -160,8 +160,12 @@ async def test_lister_errors_have_reasons(tmp_path: Path) -> None:
             )
         return web.json_response({"error": "broken"}, status=500)
 
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>not a gateway</html>", content_type="text/html")
+
     app = web.Application()
     app.router.add_get("/api/v1/clusters/", clusters)
+    app.router.add_get("/web/api/v1/clusters/", html)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -173,6 +177,8 @@ async def test_lister_errors_have_reasons(tmp_path: Path) -> None:
         token.write_text("rotated\n")  # read again at every listing
         assert await reason(lister(url, token)) == "auth"
         assert seen[-1] == "jupyterhub rotated"
+        assert await reason(lister(f"{url}/web", token)) == "decode"  # some other web server
+        assert await reason(lister(f"{url}/elsewhere", token)) == "http"  # 404
         token.unlink()
         assert await reason(lister(url, token)) == "credentials"
     finally:
