@@ -45,6 +45,7 @@ from .source import REASON_OTHER, REASON_TIMEOUT, Source, SourceError
 
 __all__ = [
     "GATEWAY_CLUSTERS",
+    "GATEWAY_UNUSABLE_CLUSTERS",
     "GATEWAY_UP",
     "SOURCE_GATEWAY",
     "ClusterEntry",
@@ -64,6 +65,11 @@ GATEWAY_UP: Final = Metric(
 GATEWAY_CLUSTERS: Final = Metric(
     "dask_memory_gateway_clusters", "gauge",
     "Running clusters exported, as of the last successful listing of the gateway (gateway mode).",
+)  # fmt: skip
+
+GATEWAY_UNUSABLE_CLUSTERS: Final = Metric(
+    "dask_memory_gateway_unusable_clusters", "gauge",
+    "Running clusters the gateway listed that cannot be polled (credentials that do not load).",
 )  # fmt: skip
 
 REASON_REFUSED = "refused"
@@ -250,6 +256,7 @@ class GatewayPoller:
         self._list_status: SourceStatus | None = None
         self._listed_once = False
         self._last_list_success: float | None = None  # unix time
+        self._unusable: set[str] = set()  # listed clusters whose source could not be made
         self.snapshot = Snapshot(time=clock(), thresholds=self.thresholds, has_scheduler=False)
 
     def _new_poller(self, entry: ClusterEntry) -> Poller:
@@ -311,11 +318,21 @@ class GatewayPoller:
             poller = self.pollers.pop(name)
             self.due.pop(name, None)
             await poller.close()
+        unusable: set[str] = set()
         for name, entry in listed.items():
-            if name not in self.pollers:
-                logger.info("cluster %s found on the gateway: polling %s", name, entry.address)
-                self.pollers[name] = self._new_poller(entry)
-                self.due[name] = 0.0
+            if name in self.pollers:
+                continue
+            try:  # a source loads the cluster's credentials: a bad one skips this cluster only
+                poller = self._new_poller(entry)
+            except Exception as e:
+                unusable.add(name)
+                if name not in self._unusable:  # once per cluster, not at every listing
+                    logger.warning("cluster %s cannot be polled: %s", name, _line(e))
+                continue
+            logger.info("cluster %s found on the gateway: polling %s", name, entry.address)
+            self.pollers[name] = poller
+            self.due[name] = 0.0
+        self._unusable = unusable
 
     async def poll_once(self) -> Snapshot | None:
         """One round: list when due, poll the clusters that are due, publish if anything
@@ -347,6 +364,7 @@ class GatewayPoller:
         gauges: dict[Metric, float] = {GATEWAY_UP: 1.0 if up else 0.0}
         if self._listed_once:
             gauges[GATEWAY_CLUSTERS] = float(len(clusters))
+            gauges[GATEWAY_UNUSABLE_CLUSTERS] = float(len(self._unusable))
         return replace(
             prev,
             time=self.clock(),
@@ -364,7 +382,11 @@ class GatewayPoller:
         try:
             while True:
                 started = time.monotonic()
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except Exception as e:  # a bug: keep serving the others, say so once a round
+                    logger.warning("gateway round failed: %s", _line(e))
+                    logger.debug("gateway round failure", exc_info=e)
                 await asyncio.sleep(max(0.0, TICK - (time.monotonic() - started)))
         finally:
             await self.close()

@@ -17,6 +17,7 @@ from distributed.security import Security
 
 from dask_memory_exporter.gateway import (
     GATEWAY_CLUSTERS,
+    GATEWAY_UNUSABLE_CLUSTERS,
     GATEWAY_UP,
     ClusterEntry,
     GatewayLister,
@@ -81,7 +82,11 @@ async def test_clusters_come_and_go_with_the_listing() -> None:
     snap = await p.poll_once()
     assert snap is not None
     assert workers(snap) == {"a": ["tcp://a:1"], "b": ["tcp://b:1"]}
-    assert snap.source_gauges == {GATEWAY_UP: 1.0, GATEWAY_CLUSTERS: 2.0}
+    assert snap.source_gauges == {
+        GATEWAY_UP: 1.0,
+        GATEWAY_CLUSTERS: 2.0,
+        GATEWAY_UNUSABLE_CLUSTERS: 0.0,
+    }
     assert all(s.scheduler_up for s in snap.clusters.values())
     lister.names = ["b", "c"]
     snap = await p.poll_once()
@@ -207,3 +212,30 @@ async def test_lister_answers_are_bounded_by_the_timeout(tmp_path: Path) -> None
         assert await reason(slow) == "timeout"
     finally:
         await runner.cleanup()
+
+
+async def test_a_cluster_whose_credentials_do_not_load_is_skipped_alone() -> None:
+    """Real credential loading (dask-gateway's GatewaySecurity, a real SchedulerSource) on a
+    certificate that is not one: that cluster is skipped and counted, the other exported."""
+    from dask_gateway.client import GatewaySecurity
+
+    from dask_memory_exporter.scheduler import SchedulerSource
+
+    stand_in = Sources()
+
+    def make(entry: ClusterEntry) -> Any:
+        if entry.name == "bad":
+            broken = GatewaySecurity(tls_key="not a key", tls_cert="not a cert")
+            return SchedulerSource(entry.address, broken, 1.0)
+        return stand_in(entry)
+
+    p = gateway_poller(Lister("good", "bad"), stand_in)
+    p.make_source = make
+    for _ in range(2):
+        p._list_at = 0.0
+        snap = await p.poll_once()
+    assert snap is not None
+    assert workers(snap) == {"good": ["tcp://good:1"]}
+    assert snap.source_gauges[GATEWAY_UNUSABLE_CLUSTERS] == 1.0
+    assert snap.source_gauges[GATEWAY_CLUSTERS] == 1.0
+    await p.close()
