@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from dask_memory_exporter import names as n
-from dask_memory_exporter.dashboards import CLUSTER_FILE
+from dask_memory_exporter.dashboards import CLUSTER_FILE, WORKER_FILE
 from dask_memory_exporter.dashboards import render_files as render_dashboards
 from dask_memory_exporter.gateway import GATEWAY_CLUSTERS, GATEWAY_UP
 from dask_memory_exporter.mixin import MixinConfig
@@ -121,9 +121,11 @@ async def prom_counts(prom: Prometheus, expr: str) -> dict[str, float]:
 
 
 def check_dashboard_per_cluster(prom: Prometheus, workers: dict[str, int]) -> None:
-    """Every query of the cluster dashboard runs with one cluster chosen in its ``cluster``
-    variable (as Grafana formats it), and its Workers panel counts that cluster's only."""
+    """Every query of both dashboards runs with one cluster chosen in the ``cluster`` variable
+    (as Grafana formats it); the Workers panel counts that cluster's only, and the worker
+    dashboard offers that cluster's workers only."""
     doc = json.loads(render_dashboards(MixinConfig())[CLUSTER_FILE])
+    worker_doc = json.loads(render_dashboards(MixinConfig())[WORKER_FILE])
     at = time.time()
     grafana = {"__rate_interval": "4s", "__interval": "1s", "__range": "5m", "datasource": ""}
     every = {"namespace": ".*", "job": ".*", "instance": ".*", "worker": ".*"}
@@ -134,6 +136,16 @@ def check_dashboard_per_cluster(prom: Prometheus, workers: dict[str, int]) -> No
             shown[q.title] = run(prom, q, values, at)  # raises on a PromQL error
         assert [s.value for s in shown["Workers"]] == [expected], (cluster, shown["Workers"])
         assert {s.labels["cluster"] for s in shown["variable: cluster"]} == set(workers)
+        # The worker dashboard offers that cluster's workers only, and its queries run.
+        names = {
+            s.labels[n.LABEL_WORKER_NAME]
+            for s in prom.query(f'{n.WORKER_PROCESS_BYTES}{{cluster="{cluster}"}}', at)
+        }
+        assert len(names) == expected
+        for q in queries(worker_doc, WORKER_FILE):
+            result = run(prom, q, values, at)
+            if q.title == "variable: worker":
+                assert {s.labels[n.LABEL_WORKER_NAME] for s in result} == names
 
 
 async def test_every_cluster_of_a_gateway_is_exported_with_its_name(tmp_path: Path) -> None:
