@@ -27,6 +27,7 @@ from .collector import (
 )
 from .config import Settings
 from .gateway import ClusterEntry, GatewayLister, GatewayPoller
+from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
@@ -111,7 +112,10 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller | GatewayPol
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
-        sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
+        gpu = NvmlReader.open() if settings.nvml else None
+        sources.append(
+            LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
+        )
     return Poller(
         sources,
         MemoryModel(settings.recent_to_old_time),

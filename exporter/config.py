@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     proc_root: str = Field(
         default="/proc", description="procfs root the local mode reads worker processes from"
     )
+    nvml: bool = Field(
+        default=True,
+        description="in the local and both modes, read each worker process's device memory "
+        "through NVML where pynvml (the gpu extra) and a GPU are present; without either, "
+        "nothing changes",
+    )
     process_metrics: bool = Field(
         default=True, description="export the exporter's own process_* metrics"
     )

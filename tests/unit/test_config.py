@@ -35,6 +35,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "terminate": ("0.9", 0.9),
     "proc_root": ("/host/proc", "/host/proc"),
     "process_metrics": ("false", False),
+    "nvml": ("false", False),
     "log_level": ("debug", "DEBUG"),
     "tls_ca_file": ("/certs/ca.pem", "/certs/ca.pem"),
     "tls_cert": ("/certs/cert.pem", "/certs/cert.pem"),
@@ -245,7 +246,7 @@ def test_readme_options_table_lists_every_option(
     documented = set(re.findall(r"`(--[\w-]+)`", table))
     monkeypatch.setenv("COLUMNS", "1000")
     options = set(_help_lines(["serve", "--help"], capsys)) - {"--help"}
-    options |= {"--no-process-metrics"}
+    options |= {"--no-process-metrics", "--no-nvml"}
     assert documented == options
 
 
