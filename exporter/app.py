@@ -38,7 +38,7 @@ from .snapshot import Poller, Snapshot
 from .source import Source
 from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
-__all__ = ["ExporterState", "make_app"]
+__all__ = ["ExporterState", "make_app", "make_poller", "make_sources"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
@@ -51,15 +51,22 @@ VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
-    """The current Exposition, swapped atomically after each poll.
+    """The current Exposition, swapped atomically after each poll, and what the Poller polls.
 
     ``collectors`` are rendered beside the Snapshot's families: counters that change between
-    polls (remediation), re-rendered with :meth:`republish`.
+    polls (remediation), re-rendered with :meth:`republish`. ``sources``: the sources to poll,
+    None for those the settings ask for.
     """
 
-    def __init__(self, settings: Settings, collectors: Sequence[Collector] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        collectors: Sequence[Collector] = (),
+        sources: Sequence[Source] | None = None,
+    ) -> None:
         self.settings = settings
         self.collectors = tuple(collectors)
+        self.sources = None if sources is None else tuple(sources)
         self._latest = Snapshot(
             time=time.time(),
             thresholds=settings.thresholds,
@@ -97,16 +104,14 @@ STATE = web.AppKey("state", ExporterState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_poller(settings: Settings, state: ExporterState) -> Poller | GatewayPoller:
-    """The Poller for these settings, publishing into ``state``.
+def make_sources(settings: Settings) -> list[Source]:
+    """The sources these settings ask for.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
     exporter, joined with the scheduler's data when an address is given. ``both``: every
-    worker the scheduler knows, with direct RSS for the local ones. With a gateway: every
-    cluster it lists, one scheduler source each.
+    worker the scheduler knows, with direct RSS for the local ones. (With a gateway, the
+    sources come and go with its clusters: ``make_gateway_poller``.)
     """
-    if settings.gateway:
-        return make_gateway_poller(settings, state)
     sources: list[Source] = []
     if settings.scheduler:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
@@ -116,8 +121,18 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller | GatewayPol
         sources.append(
             LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
         )
+    return sources
+
+
+def make_poller(
+    settings: Settings, state: ExporterState, sources: Sequence[Source] | None = None
+) -> Poller | GatewayPoller:
+    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for
+    (with a gateway: one Poller per cluster it lists)."""
+    if settings.gateway and sources is None:
+        return make_gateway_poller(settings, state)
     return Poller(
-        sources,
+        make_sources(settings) if sources is None else sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
@@ -156,17 +171,18 @@ def make_gateway_poller(settings: Settings, state: ExporterState) -> GatewayPoll
     )
 
 
-def make_app(settings: Settings) -> web.Application:
+def make_app(settings: Settings, sources: Sequence[Source] | None = None) -> web.Application:
     """Build the aiohttp application; polling starts when the app starts.
 
-    With ``--remediate``, the Alertmanager webhook too (ConfigError if its token file is
-    unusable).
+    ``sources``: the sources to poll, instead of those the settings ask for (the scheduler
+    preload hands over its in-process source). With ``--remediate``, the Alertmanager
+    webhook too (ConfigError if its token file is unusable).
     """
     app = web.Application(middlewares=[_basic_auth])
     remediator: Remediator | None = None
     if settings.remediate:
         remediator = Remediator(settings, lambda: state.snapshot)
-    state = ExporterState(settings, [remediator.stats] if remediator else [])
+    state = ExporterState(settings, [remediator.stats] if remediator else [], sources)
     app[STATE] = state
     if remediator is not None:
         remediator.on_counted = state.republish
@@ -182,7 +198,7 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.poller = make_poller(state.settings, state)
+    state.poller = make_poller(state.settings, state, state.sources)
     task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
     yield
     task.cancel()

@@ -246,7 +246,9 @@ class Poller:
             infos = _known(prev)
         if self.others:
             await asyncio.gather(*(r.step(infos, self.next_delay()) for r in self.others))
-        snap = self._build(prev, infos, fresh, start)
+        # Building the Snapshot (a thousand workers' breakdowns) runs in a thread: the event
+        # loop may be a scheduler's (the preload), and scrapes keep being answered meanwhile.
+        snap = await asyncio.to_thread(self._build, prev, infos, fresh, start)
         self.snapshot = snap
         await self.publish(snap)
         return snap
@@ -271,7 +273,11 @@ class Poller:
             keep = rss.keys() if readable else {w.info.address for w in prev.workers}
             infos = {a: w for a, w in infos.items() if a in keep}
         override = {a: v for a, v in rss.items() if a in infos}
-        memory = self.model.update({a: w.reading for a, w in infos.items()}, override)
+        # A breakdown a source hands over ready (read inside the scheduler) is used as it
+        # is; the model mirrors the heartbeats of the other workers.
+        exact = {a: m for a, m in _exact(results).items() if a in infos and a not in override}
+        readings = {a: w.reading for a, w in infos.items() if a not in exact}
+        memory = {**self.model.update(readings, override), **exact}
         workers = tuple(
             WorkerSnapshot(info=w, memory=memory[a], rss=override.get(a), values=values.get(a, {}))
             for a, w in infos.items()
@@ -345,6 +351,15 @@ def _usable(r: _Runner) -> bool:
     """A source's last result is used while its last completed fetch succeeded, and for the
     roster while it is down too (the last workers heard of, flagged by scheduler_up)."""
     return r.source.roster or (r.status is not None and r.status.success)
+
+
+def _exact(results: Sequence[SourceResult]) -> dict[str, MemoryBreakdown]:
+    """The ready breakdowns of the results that carry them, by worker address."""
+    out: dict[str, MemoryBreakdown] = {}
+    for res in results:
+        if res.memory:
+            out.update(res.memory)
+    return out
 
 
 def _known(snapshot: Snapshot) -> dict[str, WorkerInfo]:
