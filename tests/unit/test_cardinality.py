@@ -111,3 +111,16 @@ def test_cluster_totals_of_no_workers_omit_the_maxima() -> None:
     assert totals[n.CLUSTER_PROCESS_BYTES] == 0
     assert n.CLUSTER_MAX_HEARTBEAT_AGE_SECONDS not in totals
     assert n.CLUSTER_MAX_PROCESS_LIMIT_RATIO not in totals
+
+
+def test_cluster_totals_per_gateway_cluster() -> None:
+    """With a gateway, one total per cluster, labelled ``cluster``."""
+    top = Snapshot(time=110.0, clusters={"a": snapshot(2), "b": snapshot(3)})
+    samples = parse(Exposition.render(top, totals_only=True).text.decode())
+    workers = {
+        dict(labels)["cluster"]: v
+        for (name, labels), v in samples.items()
+        if name == n.CLUSTER_LIMIT_BYTES
+    }
+    assert workers == {"a": 2000 * MiB, "b": 3000 * MiB}
+    assert not any("worker" in dict(labels) for _, labels in samples)
