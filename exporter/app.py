@@ -22,14 +22,17 @@ from .collector import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     Exposition,
+    cluster_parts,
     package_version,
 )
 from .config import Settings
 from .events import EventsSource
+from .gateway import ClusterEntry, GatewayLister, GatewayPoller
 from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
+from .probe import EventLoopProbe, SidecarSource
 from .process import LocalProcessSource, use_proc_root
 from .remediate import REMEDIATOR, WEBHOOK_PATH, Remediator, install
 from .scheduler import SchedulerSource
@@ -64,20 +67,25 @@ class ExporterState:
         sources: Sequence[Source] | None = None,
     ) -> None:
         self.settings = settings
+        self._keep = settings.metric_filter()
         self.collectors = tuple(collectors)
         self.sources = None if sources is None else tuple(sources)
         self._latest = Snapshot(
             time=time.time(),
             thresholds=settings.thresholds,
-            has_scheduler=settings.scheduler is not None,
+            has_scheduler=settings.scheduler is not None and settings.mode != "local",
         )
         self._render_lock = asyncio.Lock()
         self.exposition = self._render(self._latest)
-        self.poller: Poller | None = None
+        self.poller: Poller | GatewayPoller | None = None
 
     def _render(self, snapshot: Snapshot) -> Exposition:
         return Exposition.render(
-            snapshot, process_metrics=self.settings.process_metrics, collectors=self.collectors
+            snapshot,
+            process_metrics=self.settings.process_metrics,
+            collectors=self.collectors,
+            keep=self._keep,
+            totals_only=self.settings.cluster_totals_only,
         )
 
     async def publish(self, snapshot: Snapshot) -> None:
@@ -108,11 +116,15 @@ def make_sources(settings: Settings) -> list[Source]:
 
     Mode ``scheduler``: the scheduler only (its roster, and its event log unless ``events``
     is off; so in mode ``both``). ``local``: the worker processes beside the
-    exporter, joined with the scheduler's data when an address is given. ``both``: every
-    worker the scheduler knows, with direct RSS for the local ones.
+    exporter and the event-loop probe, with no scheduler call (a scheduler address only
+    picks out its own ``dask worker`` processes). ``both``: every worker the scheduler
+    knows, with direct RSS for the local ones. (With a gateway, the sources come and go
+    with its clusters: ``make_gateway_poller``.)
     """
     sources: list[Source] = []
-    if settings.scheduler:
+    if settings.scheduler and settings.mode != "local":
+        # A worker sidecar (mode local) never calls the scheduler: N sidecars would cost it
+        # N whole-cluster answers per heartbeat (docs/sidecar.md, "Scaling").
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     # Outcomes are cluster-wide: not in mode local, which exports only the workers beside it
     # (one sidecar per worker pod would count every kill once per pod).
@@ -128,22 +140,57 @@ def make_sources(settings: Settings) -> list[Source]:
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
         gpu = NvmlReader.open() if settings.nvml else None
-        sources.append(
-            LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
+        local = LocalProcessSource(
+            settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu
         )
+        probe = None
+        if settings.worker_probe_url:
+            probe = EventLoopProbe(settings.worker_probe_url, settings.timeout)
+        sources.append(SidecarSource(local, probe))
     return sources
 
 
 def make_poller(
     settings: Settings, state: ExporterState, sources: Sequence[Source] | None = None
-) -> Poller:
-    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for."""
+) -> Poller | GatewayPoller:
+    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for
+    (with a gateway: one Poller per cluster it lists)."""
+    if settings.gateway and sources is None:
+        return make_gateway_poller(settings, state)
     return Poller(
         make_sources(settings) if sources is None else sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
         local_workers_only=settings.mode == "local",
+        min_interval=settings.poll_interval,
+        max_backoff=settings.max_backoff,
+        stale_after=settings.stale_after,
+    )
+
+
+def make_gateway_poller(settings: Settings, state: ExporterState) -> GatewayPoller:
+    """One Poller per cluster the gateway lists, through the gateway's proxy."""
+    assert settings.gateway and settings.gateway_api_token_file
+    lister = GatewayLister(
+        settings.gateway,
+        proxy_address=settings.gateway_proxy_address,
+        auth=settings.gateway_auth,
+        user=settings.gateway_user,
+        token_file=settings.gateway_api_token_file,
+        timeout=settings.timeout,
+    )
+
+    def source(entry: ClusterEntry) -> Source:
+        return SchedulerSource(entry.address, entry.security, settings.timeout)
+
+    return GatewayPoller(
+        lister,
+        source,
+        settings.recent_to_old_time,
+        settings.thresholds,
+        state.publish,
+        list_interval=settings.gateway_list_interval,
         min_interval=settings.poll_interval,
         max_backoff=settings.max_backoff,
         stale_after=settings.stale_after,
@@ -244,6 +291,11 @@ async def readyz(request: web.Request) -> web.Response:
     """
     state = request.app[STATE]
     snap = state.snapshot
+    if state.settings.gateway:
+        if snap.polled and all(s.success for s in snap.sources):
+            return web.Response(text="ready\n")
+        reason = "gateway unreachable" if snap.polled else "gateway not listed yet"
+        return web.Response(status=503, text=f"not ready: {reason}\n")
     if state.settings.mode == "local":
         if any(s.name == SOURCE_LOCAL and s.success for s in snap.sources):
             return web.Response(text="ready\n")
@@ -279,33 +331,51 @@ async def landing(request: web.Request) -> web.Response:
     esc = html.escape
     # Columns that cannot be filled are left out: direct RSS exists only in the sidecar
     # modes, and a source's own family only where some worker reports it.
-    with_rss = any(w.rss is not None for w in snap.workers) or bool(snap.local_only)
-    extra = [m for m in snap.families if any(m in w.values for w in snap.workers)]
+    clustered = bool(state.settings.gateway)
+    parts = cluster_parts(snap)
+    workers = sorted(
+        ((name, w, s) for name, s in parts for w in s.workers),
+        key=lambda t: (t[0], t[1].info.name),
+    )
+    families = dict.fromkeys(m for _, s in parts for m in s.families)
+    with_rss = any(w.rss is not None for _, w, _ in workers) or bool(snap.local_only)
+    extra = [m for m in families if any(m in w.values for _, w, _ in workers)]
     rows = []
-    for w in sorted(snap.workers, key=lambda w: w.info.name):
+    for cluster, w, wsnap in workers:
         info, mem = w.info, w.memory
         share = f"{mem.process / info.memory_limit:.0%}" if info.memory_limit else ""
         cells = [
+            *([esc(cluster)] if clustered else []),
             esc(info.name), esc(info.address), esc(info.status),
             _mib(mem.process), _mib(mem.managed), _mib(mem.unmanaged_old),
             _mib(mem.unmanaged_recent), _mib(mem.spilled), _mib(info.memory_limit), share,
-            f"{max(0.0, snap.time - info.last_seen):.1f}",
+            f"{max(0.0, wsnap.time - info.last_seen):.1f}",
             *([_mib(w.rss)] if with_rss else []),
             *(_cell(m, w.values.get(m)) for m in extra),
         ]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     heads = [
+        *(["cluster"] if clustered else []),
         "name", "address", "status", "process MiB", "managed MiB", "unmanaged MiB",
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
         *(["RSS from the OS MiB"] if with_rss else []), *(_column(m) for m in extra),
     ]  # fmt: skip
+    local_extra = [m for m in snap.families if any(m in p.values for p in snap.local_only)]
     local_rows = "".join(
-        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td></tr>"
+        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td>"
+        + "".join(f"<td>{_cell(m, p.values.get(m))}</td>" for m in local_extra)
+        + "</tr>"
         for p in sorted(snap.local_only, key=lambda p: p.name)
     )
+    local_heads = "".join(f"<th>{esc(_column(m))}</th>" for m in local_extra)
+    local_title = (
+        "Worker processes the scheduler has not reported"
+        if snap.has_scheduler
+        else "Worker processes beside the exporter"
+    )
     local_table = (
-        "<h2>Worker processes the scheduler has not reported</h2>\n"
-        "<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th></tr>"
+        f"<h2>{local_title}</h2>\n"
+        f"<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th>{local_heads}</tr>"
         f"{local_rows}</table>"
         if local_rows
         else ""
@@ -316,6 +386,13 @@ async def landing(request: web.Request) -> web.Response:
         if snap.has_scheduler
         else ""
     )
+    if clustered:
+        listed = "up" if snap.polled and all(s.success for s in snap.sources) else "DOWN"
+        down = sum(1 for _, s in parts if not s.scheduler_up)
+        scheduler = (
+            f"Gateway {esc(state.settings.gateway or '')}: <b>{listed}</b>; "
+            f"{len(snap.clusters)} clusters ({down} unreachable); "
+        )
     sources = ", ".join(
         f"{esc(s.name)} {'ok' if s.success else 'FAILING'} ({s.errors_total} errors)"
         for s in snap.sources
@@ -328,7 +405,7 @@ async def landing(request: web.Request) -> web.Response:
 <h1>Dask memory exporter</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
 <a href="/readyz">Readiness</a></p>
-<p>{scheduler}{len(snap.workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
+<p>{scheduler}{len(workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {"".join(rows)}
 </table>

@@ -96,6 +96,10 @@ class Snapshot:
     skipped_workers: int = 0
     has_scheduler: bool = True
     """False for a local-only exporter with no scheduler configured: nothing to be up or down."""
+    clusters: Mapping[str, Snapshot] = field(default_factory=dict)
+    """Gateway mode (``gateway.py``): each cluster's own Snapshot by cluster name. This Snapshot
+    then holds no workers, only the gateway's status (its listing as source ``gateway``); the
+    collector labels every series of a cluster with ``cluster``."""
 
 
 class _Runner:
@@ -221,14 +225,19 @@ class Poller:
     def runners(self) -> list[_Runner]:
         return [*([self.roster] if self.roster else []), *self.others]
 
-    async def poll_once(self) -> Snapshot:
-        """One attempt: fetch from every source, update the model, publish."""
+    async def poll_once(self, budget: float | None = None) -> Snapshot:
+        """One attempt: fetch from every source, update the model, publish.
+
+        ``budget``: the most seconds to wait for the roster. A fetch still running then is
+        left in flight and its result used by a later poll (the gateway mode polls many
+        clusters under one budget this way).
+        """
         prev = self.snapshot
         start = time.perf_counter()
         # The roster first; alone, it is awaited to the end (its own timeout bounds it).
         fresh = False  # a roster fetch completed and succeeded in this poll
         if self.roster is not None:
-            wait = self.next_delay() if self.others else None
+            wait = budget if budget is not None else self.next_delay() if self.others else None
             completed = await self.roster.step(_known(prev), wait)
             fresh = completed and self.roster.status is not None and self.roster.status.success
         roster = self.roster.last if self.roster is not None else None
@@ -323,18 +332,39 @@ class Poller:
         n = self.snapshot.scheduler_workers or 0
         return max(self.min_interval, float(heartbeat_interval(n)))
 
+    @property
+    def fetch_done(self) -> bool:
+        """True when a roster fetch left in flight by an earlier poll has finished."""
+        task = self.roster.task if self.roster is not None else None
+        return task is not None and task.done()
+
     async def run(self) -> None:
-        """Poll until cancelled."""
+        """Poll until cancelled. An error outside the sources (each source's own failures are
+        caught and counted by its runner) is logged and the next poll runs as usual: the
+        poller task never dies while the HTTP server keeps serving a frozen exposition."""
+        failed = False
         try:
             while True:
                 started = time.monotonic()
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except Exception:  # a bug past the sources (model, render): keep polling
+                    # Logged once per run of failures: never a traceback every heartbeat.
+                    if not failed:
+                        logger.exception("poll failed; the last exposition stays served")
+                    failed = True
+                else:
+                    failed = False
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(max(0.0, self.next_delay() - elapsed))
         finally:
-            for r in self.runners:
-                await r.cancel()
-                await r.source.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Cancel fetches in flight and close every source."""
+        for r in self.runners:
+            await r.cancel()
+            await r.source.close()
 
 
 def _usable(r: _Runner) -> bool:

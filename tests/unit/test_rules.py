@@ -46,6 +46,7 @@ EXPECTED_ALERTS = {
     "DaskWorkerHeartbeatStale",
     "DaskWorkerKilledForMemory",
     "DaskWorkerLostUnexpectedly",
+    "DaskWorkerBlockedAbovePause",
     "DaskWorkerGPUMemoryHigh",
     "DaskWorkerGPUMemoryExhaustionPredicted",
     "DaskMemoryExporterSchedulerDown",
