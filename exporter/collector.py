@@ -209,7 +209,7 @@ class SnapshotCollector(Collector):
                 gauges.setdefault(metric, []).append((lv, value))
         for metric, values in gauges.items():
             yield _family(metric, values)
-        yield from _counter_families(parts)
+        yield from _counter_families(parts, per_worker=not self.totals)
         success = _labelled(n.EXPORTER_SOURCE_SUCCESS)
         duration = _labelled(n.EXPORTER_SOURCE_DURATION_SECONDS)
         errors = CounterMetricFamily(
@@ -294,11 +294,18 @@ def _all_gauges(parts: list[tuple[str, Snapshot]]) -> tuple[WorkerGauge, ...]:
     return CORE_GAUGES + tuple(_plugin_gauge(m) for m in families)
 
 
-def _counter_families(parts: list[tuple[dict[str, str], Snapshot]]) -> Iterator[PromMetric]:
-    """The sources' labelled counters (outcomes), each part's with its ``cluster`` label."""
+def _counter_families(
+    parts: list[tuple[dict[str, str], Snapshot]], per_worker: bool = True
+) -> Iterator[PromMetric]:
+    """The sources' labelled counters (outcomes), each part's with its ``cluster`` label.
+
+    Without ``per_worker`` (``--cluster-totals-only``) the counters keyed by worker name are
+    left out: a memory restart still counts in ``dask_memory_workers_lost_total``."""
     families: dict[Metric, CounterMetricFamily] = {}
     for lv, snap in parts:
         for metric, series in snap.counters.items():
+            if not per_worker and n.LABEL_WORKER_NAME in metric.labels:
+                continue
             fam = families.setdefault(
                 metric, CounterMetricFamily(metric.family, metric.help, labels=list(metric.labels))
             )

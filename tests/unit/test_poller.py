@@ -293,6 +293,10 @@ async def test_counters_reach_the_exposition_and_stand_while_their_source_fails(
         assert restarts == {"a": 2, 'b"\\': 0}
         assert samples[(n.WORKERS_LOST_TOTAL, (("cause", n.CAUSE_MEMORY_RESTART),))] == 2
     assert status(snap)[n.SOURCE_EVENTS] == (False, 1)
+    # --cluster-totals-only: nothing keyed by worker name; the cluster-wide counts stay.
+    totals = parse(Exposition.render(snap, process_metrics=False, totals_only=True).text.decode())
+    assert not any(k[0] == n.WORKER_MEMORY_RESTARTS_TOTAL for k in totals)
+    assert totals[(n.WORKERS_LOST_TOTAL, (("cause", n.CAUSE_MEMORY_RESTART),))] == 2
 
 
 def test_two_roster_sources_are_refused() -> None:
