@@ -238,11 +238,15 @@ async def test_dask_jobqueue_scheduler_options(tmp_path: Path) -> None:
         exporter = preload.running(cluster.scheduler)
         assert exporter is not None
         assert json.loads(file_sd.read_text()) == [{"targets": [exporter.target]}]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(exporter.url + "/metrics") as r,
-        ):
-            samples = parse(await r.text())
+        # The first poll runs in the background: wait for its Snapshot, not for a set time.
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(exporter.url + "/metrics") as r:
+                    samples = parse(await r.text())
+                if scalar(samples, n.EXPORTER_POLLS_TOTAL) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
         assert scalar(samples, n.SCHEDULER_UP) == 1
         assert scalar(samples, n.SCHEDULER_WORKERS) == 0
     assert not file_sd.exists()
