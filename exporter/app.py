@@ -27,6 +27,7 @@ from .config import Settings
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
+from .picture import render_snapshot
 from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
@@ -209,7 +210,10 @@ def _column(metric: Metric) -> str:
 
 
 async def landing(request: web.Request) -> web.Response:
-    """A small page with links and a live (auto-refreshing) per-worker table."""
+    """A small page with links, a picture of each worker's memory and a per-worker table.
+
+    Refreshed by the browser every 5 s (meta refresh): no script, so the strict CSP holds.
+    """
     state = request.app[STATE]
     snap = state.snapshot
     esc = html.escape
@@ -265,6 +269,7 @@ async def landing(request: web.Request) -> web.Response:
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
 <a href="/readyz">Readiness</a></p>
 <p>{scheduler}{len(snap.workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
+{render_snapshot(snap) if snap.workers else ""}
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {"".join(rows)}
 </table>
