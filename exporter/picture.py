@@ -226,11 +226,11 @@ def _legend(thresholds: Mapping[str, float]) -> list[str]:
     for colour, text in items:
         out.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{colour}"/>')
         out.append(f'<text x="{x + 16}" y="16">{html.escape(text)}</text>')
-        x += 24 + 7 * len(text)
+        x += 26 + 8 * len(text)
     for colour, text in [*marks, (MARK_COLOURS["limit"], "limit")]:
         out.append(f'<rect x="{x}" y="4" width="2" height="16" fill="{colour}"/>')
         out.append(f'<text x="{x + 6}" y="16">{html.escape(text)}</text>')
-        x += 18 + 7 * len(text)
+        x += 20 + 8 * len(text)
     return out
 
 
