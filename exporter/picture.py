@@ -90,7 +90,11 @@ class Bar:
     unmanaged_recent: int
     spilled: int
     limit: int | None
-    running: bool = True
+    status: str = "running"  # Dask's worker status: "paused", "closing_gracefully", ...
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
 
     @property
     def process(self) -> int:
@@ -180,7 +184,7 @@ def _figures(bar: Bar) -> str:
     if bar.spilled:
         text += f", {_mib(bar.spilled)} spilled"
     if not bar.running:
-        text += ", not running"
+        text += f", {bar.status}"
     return text
 
 
@@ -282,7 +286,7 @@ def bars_from_snapshot(snap: Snapshot) -> list[Bar]:
             unmanaged_recent=w.memory.unmanaged_recent,
             spilled=w.memory.spilled,
             limit=w.info.memory_limit,
-            running=w.info.status == "running",
+            status=w.info.status,
         )
         for w in sorted(snap.workers, key=lambda w: w.info.name)
     ]

@@ -97,7 +97,7 @@ def bars_from_metrics(s: Samples) -> list[p.Bar]:
             "",
             *(int(parts[part][name]) for part in p.PARTS),
             int(limits[name]),
-            running=not paused[name],
+            status="paused" if paused[name] else "running",
         )
         for name in sorted(limits)
     ]

@@ -22,9 +22,9 @@ def bar(
     limit: int | None = 400 * MiB,
     *,
     label: str = "w",
-    running: bool = True,
+    status: str = "running",
 ) -> p.Bar:
-    return p.Bar(label, "tcp://127.0.0.1:1", managed, old, recent, spilled, limit, running)
+    return p.Bar(label, "tcp://127.0.0.1:1", managed, old, recent, spilled, limit, status)
 
 
 def test_parts_are_stacked_in_dask_order_and_sized_by_bytes() -> None:
@@ -77,7 +77,7 @@ def test_colour_follows_dask_memory_color() -> None:
     assert p.level(bar(100 * MiB), THRESHOLDS) == "blue"
     assert p.level(bar(240 * MiB), THRESHOLDS) == "orange"  # process at target
     assert p.level(bar(380 * MiB), THRESHOLDS) == "red"  # at terminate
-    assert p.level(bar(100 * MiB, running=False), THRESHOLDS) == "red"  # paused
+    assert p.level(bar(100 * MiB, status="paused"), THRESHOLDS) == "red"  # paused
     assert p.level(bar(10**12, limit=None), THRESHOLDS) == "blue"
     assert p.level(bar(240 * MiB), {"spill": 0.7}) == "blue"  # target disabled: spill counts
     assert p.level(bar(400 * MiB), {}) == "red"  # no thresholds: red at the limit
