@@ -28,6 +28,8 @@ from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
 from .picture import render_snapshot
+from .runbooks import PATH as RUNBOOKS_PATH
+from .runbooks import page as runbooks_page
 from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
@@ -110,6 +112,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get(RUNBOOKS_PATH, runbooks)
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_run_poller)
     return app
@@ -191,6 +194,11 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
+async def runbooks(request: web.Request) -> web.Response:
+    """docs/runbooks.md as HTML: where the alerts' runbook links point by default."""
+    return web.Response(text=runbooks_page(), content_type="text/html")
+
+
 def _mib(v: float | None) -> str:
     return "" if v is None else f"{v / 2**20:,.1f}"
 
@@ -267,7 +275,7 @@ async def landing(request: web.Request) -> web.Response:
 </head><body>
 <h1>Dask memory exporter</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
-<a href="/readyz">Readiness</a></p>
+<a href="/readyz">Readiness</a> · <a href="/runbooks">Runbooks</a></p>
 <p>{scheduler}{len(snap.workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
 {render_snapshot(snap) if snap.workers else ""}
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>

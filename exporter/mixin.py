@@ -20,10 +20,12 @@ class MixinConfig:
     cluster_labels: tuple[str, ...] = ("namespace", "job", "instance")
     """Target labels that together identify one Dask cluster (one exporter target)."""
 
-    runbook_url_base: str = (
-        "https://github.com/dask-memory-exporter/dask-memory-exporter/blob/main/docs/runbooks.md"
-    )
-    """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``."""
+    runbook_url_base: str = "http://{{ $labels.instance }}/runbooks"
+    """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``. By default the
+    runbooks the exporter that raised the alert serves at /runbooks (docs/runbooks.md, of the
+    version running there), at the address Prometheus scrapes; set your own copy (an internal
+    wiki, your fork's docs/runbooks.md) where alert readers cannot reach the targets, or where
+    they are scraped over https."""
 
     dashboard_refresh: str = "30s"
     """Refresh interval of the generated dashboards."""
