@@ -28,9 +28,9 @@ from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
 from .picture import render_snapshot
+from .process import LocalProcessSource, use_proc_root
 from .runbooks import PATH as RUNBOOKS_PATH
 from .runbooks import page as runbooks_page
-from .process import LocalProcessSource, use_proc_root
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 from .source import Source

@@ -57,7 +57,8 @@ def test_anchors_are_githubs() -> None:
 
 
 def test_page_is_html_with_nothing_the_csp_refuses() -> None:
-    parsed = _parse(runbooks.render("# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```\ncode\n```\n"))
+    text = "# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```\ncode\n```\n"
+    parsed = _parse(runbooks.render(text))
     assert {"table", "pre", "h1", "style"} <= parsed.tags
     assert "script" not in parsed.tags and "img" not in parsed.tags
     assert "<title>Title</title>" in runbooks.render("# Title\n")
