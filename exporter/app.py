@@ -13,9 +13,10 @@ import contextlib
 import html
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from .collector import (
     OPENMETRICS_CONTENT_TYPE,
@@ -24,11 +25,13 @@ from .collector import (
     package_version,
 )
 from .config import Settings
+from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
 from .picture import render_snapshot
 from .process import LocalProcessSource, use_proc_root
+from .remediate import REMEDIATOR, WEBHOOK_PATH, Remediator, install
 from .runbooks import PATH as RUNBOOKS_PATH
 from .runbooks import page as runbooks_page
 from .scheduler import SchedulerSource
@@ -49,25 +52,42 @@ VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
-    """The current Exposition, swapped atomically after each poll."""
+    """The current Exposition, swapped atomically after each poll.
 
-    def __init__(self, settings: Settings) -> None:
+    ``collectors`` are rendered beside the Snapshot's families: counters that change between
+    polls (remediation), re-rendered with :meth:`republish`.
+    """
+
+    def __init__(self, settings: Settings, collectors: Sequence[Collector] = ()) -> None:
         self.settings = settings
-        self.exposition = Exposition.render(
-            Snapshot(
-                time=time.time(),
-                thresholds=settings.thresholds,
-                has_scheduler=settings.scheduler is not None,
-            ),
-            process_metrics=settings.process_metrics,
+        self.collectors = tuple(collectors)
+        self._latest = Snapshot(
+            time=time.time(),
+            thresholds=settings.thresholds,
+            has_scheduler=settings.scheduler is not None,
         )
+        self._render_lock = asyncio.Lock()
+        self.exposition = self._render(self._latest)
         self.poller: Poller | None = None
 
-    async def publish(self, snapshot: Snapshot) -> None:
-        """Render off the event loop, then swap: scrapes keep getting the previous bytes."""
-        self.exposition = await asyncio.to_thread(
-            Exposition.render, snapshot, process_metrics=self.settings.process_metrics
+    def _render(self, snapshot: Snapshot) -> Exposition:
+        return Exposition.render(
+            snapshot, process_metrics=self.settings.process_metrics, collectors=self.collectors
         )
+
+    async def publish(self, snapshot: Snapshot) -> None:
+        """Render off the event loop, then swap: scrapes keep getting the previous bytes.
+
+        One render at a time, always of the latest Snapshot, so a republish never puts an
+        older poll back.
+        """
+        self._latest = snapshot
+        await self.republish()
+
+    async def republish(self) -> None:
+        """Render the latest Snapshot again (the collectors changed)."""
+        async with self._render_lock:
+            self.exposition = await asyncio.to_thread(self._render, self._latest)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -90,7 +110,10 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
-        sources.append(LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler))
+        gpu = NvmlReader.open() if settings.nvml else None
+        sources.append(
+            LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
+        )
     return Poller(
         sources,
         MemoryModel(settings.recent_to_old_time),
@@ -104,10 +127,20 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
 
 
 def make_app(settings: Settings) -> web.Application:
-    """Build the aiohttp application; polling starts when the app starts."""
+    """Build the aiohttp application; polling starts when the app starts.
+
+    With ``--remediate``, the Alertmanager webhook too (ConfigError if its token file is
+    unusable).
+    """
     app = web.Application(middlewares=[_basic_auth])
-    state = ExporterState(settings)
+    remediator: Remediator | None = None
+    if settings.remediate:
+        remediator = Remediator(settings, lambda: state.snapshot)
+    state = ExporterState(settings, [remediator.stats] if remediator else [])
     app[STATE] = state
+    if remediator is not None:
+        remediator.on_counted = state.republish
+        install(app, remediator)
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -130,12 +163,15 @@ async def _run_poller(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def _basic_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Basic auth from the web configuration file, if it names users; probes are exempt."""
+    """Basic auth from the web configuration file, if it names users; probes are exempt, and
+    so is the remediation webhook, which requires its own bearer token (Alertmanager sends
+    one Authorization header: basic or bearer, not both)."""
     watcher = request.app.get(WEB_CONFIG)
     if (
         watcher is None
         or not watcher.auth_required
         or request.path in UNAUTHENTICATED_PATHS
+        or (request.path == WEBHOOK_PATH and REMEDIATOR in request.app)
         or await watcher.authorized(request.headers.get("Authorization"))
     ):
         return await handler(request)

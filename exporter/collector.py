@@ -10,7 +10,7 @@ collect() never awaits and never does I/O.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -259,10 +259,19 @@ class Exposition:
     openmetrics_gzip: bytes
 
     @classmethod
-    def render(cls, snapshot: Snapshot, *, process_metrics: bool = True) -> Exposition:
-        """Render a Snapshot (CPU-bound: the caller runs it off the event loop)."""
+    def render(
+        cls,
+        snapshot: Snapshot,
+        *,
+        process_metrics: bool = True,
+        collectors: Sequence[Collector] = (),
+    ) -> Exposition:
+        """Render a Snapshot, and ``collectors`` beside it (CPU-bound: the caller runs it off
+        the event loop)."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(snapshot, workers=False))
+        for collector in collectors:
+            registry.register(collector)
         if process_metrics:
             ProcessCollector(registry=registry)
         workers = write_worker_families(snapshot).encode()

@@ -29,10 +29,17 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 __all__ = [
     "LOG_LEVELS",
+    "REMEDIATION_ACTIONS",
     "THRESHOLDS",
     "ConfigError",
     "Settings",
@@ -50,6 +57,9 @@ THRESHOLDS = ("target", "spill", "pause", "terminate")
 """The memory manager's thresholds, named as in ``distributed.worker.memory.<name>``."""
 
 _DISABLED = ("false", "off", "no")
+RemediationAction = Literal["gc", "trim"]
+REMEDIATION_ACTIONS: tuple[str, ...] = get_args(RemediationAction)
+"""What ``--remediate`` may run on a worker, in the order it runs them (``remediate.py``)."""
 
 
 class ConfigError(ValueError):
@@ -105,11 +115,30 @@ def _threshold(v: object) -> float | Literal[False]:
     return ratio if ratio > 0 else False
 
 
+def _actions(v: object) -> object:
+    """``gc,trim`` (the command line and the environment) as a tuple, duplicates dropped,
+    always in the playbook's order: gc first, then trim, which returns what gc freed."""
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if isinstance(v, (list, tuple)):
+        unknown = [x for x in v if x not in REMEDIATION_ACTIONS]
+        if unknown:
+            known = ", ".join(REMEDIATION_ACTIONS)
+            raise ValueError(f"unknown action {unknown[0]!r} (known: {known})")
+        return tuple(a for a in REMEDIATION_ACTIONS if a in v)
+    return v
+
+
 Duration = Annotated[float, BeforeValidator(_seconds), Metavar("DURATION")]
 """Seconds, as a number or a Dask duration string (``500ms``, ``2s``, ``1m``)."""
 
 Threshold = Annotated[float | Literal[False], PlainValidator(_threshold), Metavar("FRACTION|false")]
 """A memory-manager threshold: a fraction of the memory limit, or ``False`` (disabled)."""
+
+Actions = Annotated[
+    tuple[RemediationAction, ...], NoDecode, BeforeValidator(_actions), Metavar("ACTION[,ACTION]")
+]
+"""Remediation actions, written ``gc,trim``; ``NoDecode``: the environment value is not JSON."""
 
 
 def _dask_memory(key: str, parse: Callable[[Any], Any]) -> Any:
@@ -178,6 +207,12 @@ class Settings(BaseSettings):
     proc_root: str = Field(
         default="/proc", description="procfs root the local mode reads worker processes from"
     )
+    nvml: bool = Field(
+        default=True,
+        description="in the local and both modes, read each worker process's device memory "
+        "through NVML where pynvml (the gpu extra) and a GPU are present; without either, "
+        "nothing changes",
+    )
     process_metrics: bool = Field(
         default=True, description="export the exporter's own process_* metrics"
     )
@@ -205,6 +240,29 @@ class Settings(BaseSettings):
         default=None,
         description="exporter-toolkit web configuration file (TLS, basic auth), the format "
         "node_exporter's --web.config.file reads; also spelt --web.config.file",
+    )
+
+    remediate: Actions = Field(
+        default=(),
+        description="opt-in remediation: run these actions (gc, trim) on a worker for which "
+        "Alertmanager posts a firing DaskWorkerMemoryHighNoDataToSpill to "
+        "/alertmanager/webhook; connects to the scheduler as a Dask client only for that "
+        "(docs/remediation.md)",
+    )
+    remediate_token_file: str | None = Field(
+        default=None,
+        description="file holding the bearer token the webhook requires (at least 16 "
+        "characters; re-read when it changes); required with --remediate",
+    )
+    remediate_interval: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="act on each worker (by worker_name) at most once per this interval; "
+        "alerts inside it are refused and counted",
+    )
+    remediate_dry_run: bool = Field(
+        default=False,
+        description="remediation logs and counts what it would do and runs nothing on workers",
     )
 
     @field_validator("log_level", mode="before")
@@ -239,6 +297,10 @@ class Settings(BaseSettings):
     def _check_modes(self) -> Settings:
         if self.mode != "local" and not self.scheduler:
             raise ValueError("no scheduler address: pass --scheduler or set DASK_SCHEDULER_ADDRESS")
+        if self.remediate and not self.remediate_token_file:
+            raise ValueError("--remediate needs --remediate-token-file (the webhook's token)")
+        if self.remediate and not self.scheduler:
+            raise ValueError("--remediate needs a scheduler address: it acts through the scheduler")
         return self
 
     @property
@@ -288,7 +350,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> CliSettingsSource[S
     )
 
 
-_DEFAULT_NOTE = re.compile(r"\(default(?: factory)?: [^)]*\)")
+_DEFAULT_NOTE = re.compile(r"\(default(?: factory)?: (?:\(\)|[^()])*\)")  # "()": no actions
 
 
 # Spellings other exporters use for the same option, accepted as well.
@@ -320,6 +382,8 @@ def shown_default(field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True, validated_data={})
     if value is None:
         return "unset"
+    if value == ():
+        return "off"
     if isinstance(value, bool):
         return str(value).lower()
     if _metavar(field) == "DURATION":

@@ -90,7 +90,9 @@ class WorkerReading:
 
     ``managed_total`` is the worker's own count of managed bytes, which includes keys that
     were spilled; ``spilled_memory`` is the in-memory size of those spilled keys and
-    ``spilled_disk`` their size on disk.
+    ``spilled_disk`` their size on disk. ``device_managed`` is the size of keys a dask-cuda
+    worker holds in device memory, which its managed bytes count although they are not in its
+    RSS (known only where the ``dask_memory_exporter.gpu`` preload reports it; else 0).
     """
 
     process: int
@@ -98,11 +100,13 @@ class WorkerReading:
     spilled_memory: int
     spilled_disk: int
     heartbeat_time: float
+    device_managed: int = 0
 
     @property
     def managed(self) -> int:
-        """Managed bytes in RAM, as the scheduler computes it (``nbytes - spilled.memory``)."""
-        return max(0, self.managed_total - self.spilled_memory)
+        """Managed bytes in RAM, as the scheduler computes it (``nbytes - spilled.memory``),
+        less the keys held in device memory where that is known."""
+        return max(0, self.managed_total - self.spilled_memory - self.device_managed)
 
     @property
     def unmanaged_sample(self) -> int:

@@ -83,6 +83,27 @@ class MixinConfig:
     unmanaged_growing_for: str = "15m"
     unmanaged_growing_severity: str = "info"
 
+    gpu_memory_high_ratio: float = 0.9
+    """DaskWorkerGPUMemoryHigh fires above this share of the device's total memory ..."""
+    gpu_memory_high_limit_ratio: float = 1.0
+    """... or above this share of dask-cuda's device_memory_limit, where the preload reports
+    it (1.0: above the limit, which DeviceHostFile spills at, so spilling is not keeping up).
+    Device memory is NVML's used figure less the free part of an RMM pool."""
+    gpu_memory_high_for: str = "5m"
+    gpu_memory_high_severity: str = "warning"
+
+    gpu_exhaustion_window: str = "30m"
+    """Window over which the growth of device memory (NVML's used figure) is estimated."""
+    gpu_exhaustion_recent_window: str = "5m"
+    """Device memory must still grow over this recent window, at no less than half the rate over
+    gpu_exhaustion_window: the step of an RMM pool being reserved is not a trend."""
+    gpu_exhaustion_horizon: str = "1h"
+    """DaskWorkerGPUMemoryExhaustionPredicted fires when the device fills within this time ..."""
+    gpu_exhaustion_min_ratio: float = 0.05
+    """... and device memory grows by at least this share of the device within the horizon."""
+    gpu_exhaustion_for: str = "10m"
+    gpu_exhaustion_severity: str = "warning"
+
     heartbeat_stale_after: str = "1m"
     """DaskWorkerHeartbeatStale fires when a worker's last heartbeat is older than this."""
     heartbeat_stale_for: str = "1m"

@@ -35,6 +35,7 @@ reads correctly; re-implementing that is more code to get wrong than one global 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from .cmdline import parse_worker_command
+from .gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES, NvmlReader
 from .matching import Candidate, Listening, ProcKey, match, same_scheduler
 from .names import EXPORTER_LOCAL_UNREADABLE_PROCESSES, SOURCE_LOCAL, Metric
 from .source import LocalOnlyProcess, SourceError, SourceResult, WorkerInfo
@@ -167,13 +169,18 @@ class LocalProcessSource:
         scheduler_address: str | None = None,
         local_hosts: Callable[[], frozenset[str] | None] = _local_hosts,
         clock: Callable[[], float] = time.time,
+        gpu: NvmlReader | None = None,
     ) -> None:
+        """``gpu``: where given, the device memory of each matched worker process is read
+        through NVML too (``dask_memory_worker_gpu_process_memory_bytes``)."""
         if os.path.normpath(proc_root) != os.path.normpath(psutil.PROCFS_PATH):
             raise ValueError(
                 f"procfs root {proc_root!r} is not the one psutil reads "
                 f"({psutil.PROCFS_PATH!r}); call use_proc_root({proc_root!r}) once at start-up"
             )
         self.proc_root = proc_root
+        self.gpu = gpu
+        self.families = (WORKER_GPU_PROCESS_MEMORY_BYTES,) if gpu is not None else ()
         self.scheduler_address = scheduler_address
         self.local_hosts = local_hosts
         self.clock = clock
@@ -376,10 +383,20 @@ class LocalProcessSource:
     async def fetch(self, workers: Mapping[str, WorkerInfo]) -> SourceResult:
         """The source plug-in's fetch: ``read`` in a thread (it does blocking /proc I/O)."""
         reading = await asyncio.to_thread(self.read, workers)
-        return source_result(reading)
+        result = source_result(reading)
+        if self.gpu is None:
+            return result
+        device = await asyncio.to_thread(self.gpu.read)
+        values = {
+            a: {WORKER_GPU_PROCESS_MEMORY_BYTES: float(device[p.pid])}
+            for a, p in reading.matched.items()
+            if p.pid in device
+        }
+        return dataclasses.replace(result, values=values)
 
     async def close(self) -> None:
-        """Nothing to release: each read opens and closes its own /proc files."""
+        """Nothing to release: each read opens and closes its own /proc files (NVML stays
+        initialised for the exporter's lifetime: the next fetch needs it again)."""
 
 
 def source_result(reading: LocalReading) -> SourceResult:

@@ -20,6 +20,7 @@ import textwrap
 from collections.abc import Iterable
 from typing import Any
 
+from . import heartbeat as hb
 from . import names as n
 from . import yamlio
 from .mixin import MixinConfig
@@ -115,6 +116,17 @@ class _Q:
         self.heartbeat_age = n.WORKER_HEARTBEAT_AGE_SECONDS + sel
         self.scheduler_up = n.SCHEDULER_UP + sel
         self.up = "up" + sel
+        self.gpu_used = hb.WORKER_GPU_MEMORY_USED_BYTES + sel
+        self.gpu_total = hb.WORKER_GPU_MEMORY_TOTAL_BYTES + sel
+        self.gpu_limit = hb.WORKER_GPU_MEMORY_LIMIT_BYTES + sel
+        self.rmm_used = hb.WORKER_GPU_RMM_USED_BYTES + sel
+        self.rmm_pool = hb.WORKER_GPU_RMM_POOL_BYTES + sel
+
+    @property
+    def gpu_in_use(self) -> str:
+        """Device memory in use: NVML's used figure less the free part of an RMM pool (a pool
+        reserves its memory up front, and NVML counts the reservation as used)."""
+        return f"(({self.gpu_used} - ({self.rmm_pool} - {self.rmm_used})) or {self.gpu_used})"
 
     def ratio(self, threshold: str) -> str:
         """``dask_memory_worker_threshold_ratio`` of one threshold."""
@@ -203,6 +215,9 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
     horizon = duration_seconds(c.pause_predicted_horizon)
     growth_horizon = duration_seconds(c.unmanaged_growing_horizon)
     stale_after = duration_seconds(c.heartbeat_stale_after)
+    gpu_horizon = duration_seconds(c.gpu_exhaustion_horizon)
+    duration_seconds(c.gpu_exhaustion_window)
+    duration_seconds(c.gpu_exhaustion_recent_window)
     duration_seconds(c.pause_predicted_window)
     growth_window = c.unmanaged_growing_window
     duration_seconds(growth_window)
@@ -333,6 +348,65 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
             f"{{{{ $value | humanizePercentage }}}} of the memory limit within "
             f"{c.unmanaged_growing_horizon}, past the target threshold. A leak, or memory the "
             "allocator does not return to the operating system.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerGPUMemoryHigh",
+            _expr(
+                f"""
+                (
+                  {q.gpu_in_use} / {q.gpu_total}
+                    > {_num(c.gpu_memory_high_ratio)}
+                )
+                or
+                (
+                  {q.gpu_in_use} / {q.gpu_limit}
+                    > {_num(c.gpu_memory_high_limit_ratio)}
+                )
+                """
+            ),
+            c.gpu_memory_high_for,
+            c.gpu_memory_high_severity,
+            "GPU memory of Dask worker {{ $labels.worker_name }} is nearly full.",
+            f"Device memory in use on the GPU of worker {_WORKER} has been at "
+            "{{ $value | humanizePercentage }} of the device's total memory (or of dask-cuda's "
+            f"device memory limit) for {c.gpu_memory_high_for}, above "
+            f"{c.gpu_memory_high_ratio:.0%} of the total or {c.gpu_memory_high_limit_ratio:.0%} "
+            "of the limit. In use means NVML's figure for the whole device less the free part "
+            "of an RMM pool. The next large allocation may fail with a CUDA out-of-memory "
+            "error.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerGPUMemoryExhaustionPredicted",
+            _expr(
+                f"""
+                (
+                  predict_linear({q.gpu_used}[{c.gpu_exhaustion_window}], {_num(gpu_horizon)})
+                    / {q.gpu_total}
+                    > 1
+                )
+                and
+                (
+                  deriv({q.gpu_used}[{c.gpu_exhaustion_window}]) * {_num(gpu_horizon)}
+                    / {q.gpu_total}
+                    > {_num(c.gpu_exhaustion_min_ratio)}
+                )
+                and
+                (
+                  deriv({q.gpu_used}[{c.gpu_exhaustion_recent_window}])
+                    > {_num(STILL_GROWING)} * deriv({q.gpu_used}[{c.gpu_exhaustion_window}])
+                )
+                """
+            ),
+            c.gpu_exhaustion_for,
+            c.gpu_exhaustion_severity,
+            f"GPU memory of Dask worker {{{{ $labels.worker_name }}}} is predicted to run out "
+            f"within {c.gpu_exhaustion_horizon}.",
+            f"Device memory used on the GPU of worker {_WORKER} has grown steadily over the "
+            f"last {c.gpu_exhaustion_window} and is still growing; at this rate it reaches "
+            f"{{{{ $value | humanizePercentage }}}} of the device's memory within "
+            f"{c.gpu_exhaustion_horizon}: a CUDA out-of-memory error is coming.",
             c,
         ),
         _alert(

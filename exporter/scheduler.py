@@ -24,7 +24,7 @@ from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.core import rpc
 from distributed.security import Security
 
-from .heartbeat import HEARTBEAT_GAUGES, read_heartbeat
+from .heartbeat import HEARTBEAT_GAUGES, device_managed, read_heartbeat
 from .memory import WorkerReading
 from .names import SOURCE_SCHEDULER, Metric
 from .source import REASON_TIMEOUT, SourceError, SourceResult, WorkerInfo
@@ -110,6 +110,7 @@ def decode_worker(address: str, info: Mapping[str, Any]) -> WorkerInfo:
             spilled_memory=_int(spilled, "memory"),
             spilled_disk=_int(spilled, "disk"),
             heartbeat_time=last_seen,
+            device_managed=device_managed(metrics),
         )
         name = info.get("name", address)
         nanny = info.get("nanny")

@@ -10,6 +10,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
 from ..mixin import MixinConfig
+from .gpu import gpu_row, gpu_variable
 from .panels import (
     BREAKDOWN,
     CLUSTER_FILE,
@@ -189,6 +190,7 @@ def cluster_dashboard(config: MixinConfig) -> db.Dashboard:
         .span(8)
     )
     d = d.with_row(db.Row("Per worker: memory over time").with_panel(per_worker))
+    d = d.with_variable(gpu_variable(ws)).with_row(gpu_row(ws, per_worker=False))
     row = db.Row("Exporter")
     for panel in _exporter_panels(q):
         row = row.with_panel(panel)

@@ -18,6 +18,7 @@ FIRING = 'alertstate="firing"'
 
 DS_VAR = "datasource"
 WORKER_VAR = "worker"
+GPU_VAR = "gpu"
 
 
 class Queries:
@@ -25,7 +26,7 @@ class Queries:
 
     def __init__(self, config: MixinConfig) -> None:
         self.c = config
-        clash = {DS_VAR, WORKER_VAR} & set(config.cluster_labels)
+        clash = {DS_VAR, WORKER_VAR, GPU_VAR} & set(config.cluster_labels)
         if clash:
             raise ValueError(f"cluster_labels may not use the variable names {sorted(clash)}")
         self.cluster_matchers = [f'{label}=~"${label}"' for label in config.cluster_labels]

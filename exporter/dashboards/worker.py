@@ -9,9 +9,10 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
 from .. import names as n
-from ..heartbeat import HEARTBEAT_GAUGES
+from ..heartbeat import GPU_GAUGES, HEARTBEAT_GAUGES
 from ..mixin import MixinConfig
 from ..rules import duration_seconds
+from .gpu import gpu_row, gpu_variable
 from .panels import (
     CLUSTER_FILE,
     DS,
@@ -207,7 +208,8 @@ def worker_dashboard(config: MixinConfig) -> db.Dashboard:
         .height(8)
         .span(8)
     )
-    return _heartbeat_row(d, ws)
+    d = _heartbeat_row(d, ws)
+    return d.with_variable(gpu_variable(ws)).with_row(gpu_row(ws, per_worker=True))
 
 
 UNITS = {"bytes": "bytes", "seconds": "s", "ratio": "percentunit", "": "short"}
@@ -216,11 +218,13 @@ UNITS = {"bytes": "bytes", "seconds": "s", "ratio": "percentunit", "": "short"}
 
 def _heartbeat_row(d: db.Dashboard, ws: str) -> db.Dashboard:
     """One panel per gauge of ``heartbeat.HEARTBEAT_GAUGES``, built from its declaration
-    alone: a family added there shows here after ``generate dashboards``."""
-    if not HEARTBEAT_GAUGES:
+    alone: a family added there shows here after ``generate dashboards``. The GPU families
+    have their own row (``gpu.py``)."""
+    gauges = [g for g in HEARTBEAT_GAUGES if g not in GPU_GAUGES]
+    if not gauges:
         return d
     d = d.with_row(db.Row("Heartbeat figures"))
-    for g in HEARTBEAT_GAUGES:
+    for g in gauges:
         m = g.metric
         d = d.with_panel(
             ts_panel(m.heading, m.help, UNITS[m.unit])

@@ -51,6 +51,8 @@ def _apt_mirror() -> str:
         if uri.rstrip("/").endswith("/debian"):
             return uri
     raise Unavailable("no Debian archive in /etc/apt sources; set DME_DEBIAN_MIRROR")
+
+
 APT_PACKAGES = ("podman", "runc", "debootstrap")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 

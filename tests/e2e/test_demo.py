@@ -36,7 +36,9 @@ def test_demo_shows_leak_and_spill_within_a_minute() -> None:
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dask_memory_exporter", "demo", "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     children: list[psutil.Process] = []
     try:
@@ -59,7 +61,8 @@ def test_demo_shows_leak_and_spill_within_a_minute() -> None:
             if old is not None and first_old is None:
                 first_old = old
             if (
-                first_old is not None and old is not None
+                first_old is not None
+                and old is not None
                 and old > first_old + 40 * MiB
                 and m[n.WORKER_MANAGED_BYTES].get("spill", 0) > 50 * MiB
                 and m[n.WORKER_SPILLED_BYTES].get("spill", 0) > 50 * MiB

@@ -138,18 +138,12 @@ def clean_environ() -> Iterator[None]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def live(clean_environ: None) -> AsyncIterator[Live]:
-    cluster = await LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=40,
-    )
+    # The scheduler calls unmanaged memory "old" once it has stayed for recent-to-old-time
+    # (read when the scheduler starts; it runs in this process). The leak verdict reads the
+    # old part: 5 s instead of 30 s lets the leak become old before the tests, however late
+    # a loaded machine gets to them.
+    with dask.config.set({"distributed.worker.memory.recent-to-old-time": "5s"}):
+        cluster = await _start_cluster()
     try:
         template = next(iter(cluster.new_worker_spec().values()))
         # The nanny reads pre-spawn-environ when it is created: the trim worker first, alone.
@@ -165,11 +159,36 @@ async def live(clean_environ: None) -> AsyncIterator[Live]:
             await client.run(block_package_import)
             live = Live(cluster, client)
             await client.run(leak, PAYLOAD, workers=[live.address("leak")])
+            await _until_old(cluster, live.address("leak"), PAYLOAD)
             yield live
         finally:
             await client.close()
     finally:
         await cluster.close()
+
+
+async def _until_old(cluster: LocalCluster, address: str, nbytes: int, timeout: float = 90) -> None:
+    """Wait until the scheduler counts ``nbytes`` of the worker's unmanaged memory as old."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while cluster.scheduler.workers[address].memory.unmanaged_old < nbytes:
+        assert loop.time() < deadline, "the leak never became old unmanaged memory"
+        await asyncio.sleep(0.2)
+
+
+async def _start_cluster() -> LocalCluster:
+    return await LocalCluster(
+        n_workers=0,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=LIMIT,
+        host="127.0.0.1",
+        scheduler_port=0,
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+        asynchronous=True,
+        silence_logs=40,
+    )
 
 
 def diagnose(live: Live, *args: str) -> subprocess.CompletedProcess[str]:

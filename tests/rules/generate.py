@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dask_memory_exporter import heartbeat as hb
 from dask_memory_exporter import names as n
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import (
@@ -47,6 +48,8 @@ GROWING = "DaskWorkerUnmanagedMemoryGrowing"
 STALE = "DaskWorkerHeartbeatStale"
 SCHEDULER_DOWN = "DaskMemoryExporterSchedulerDown"
 EXPORTER_DOWN = "DaskMemoryExporterDown"
+GPU_HIGH = "DaskWorkerGPUMemoryHigh"
+GPU_PREDICTED = "DaskWorkerGPUMemoryExhaustionPredicted"
 
 Labels = dict[str, str]
 
@@ -128,8 +131,99 @@ def series(
     return out
 
 
+def gpu_series(
+    labels: Labels,
+    *,
+    used: str,
+    total: str,
+    limit: str | None = None,
+    rmm_used: str | None = None,
+    rmm_pool: str | None = None,
+) -> list[Inline]:
+    """GPU input series of one worker (device memory from NVML, optionally dask-cuda's limit
+    and an RMM pool)."""
+    out = [
+        Inline(series=hb.WORKER_GPU_MEMORY_USED_BYTES + selector(labels), values=used),
+        Inline(series=hb.WORKER_GPU_MEMORY_TOTAL_BYTES + selector(labels), values=total),
+    ]
+    for metric, values in (
+        (hb.WORKER_GPU_MEMORY_LIMIT_BYTES, limit),
+        (hb.WORKER_GPU_RMM_USED_BYTES, rmm_used),
+        (hb.WORKER_GPU_RMM_POOL_BYTES, rmm_pool),
+    ):
+        if values:
+            out.append(Inline(series=metric + selector(labels), values=values))
+    return out
+
+
+def gpu_tests() -> list[dict[str, Any]]:
+    """Device memory: 100e9 bytes per device, so ratios read directly in units of 1e9."""
+    rising = worker("cuda-rising", 41001)
+    pool = worker("cuda-pool", 41002)
+    plateau = worker("cuda-plateau", 41003)
+    limited = worker("cuda-limited", 41004)
+    quiet = range(5, 61, 5)
+    return [
+        {
+            "name": f"{GPU_PREDICTED} fires on steadily rising device memory after 10m, "
+            f"{GPU_HIGH} once it is above 90% of the device for 5m; neither fires for an RMM "
+            "pool reserved up front (NVML says 95% used, the pool is mostly free) nor for a "
+            "flat plateau at 85% reached in one step",
+            "interval": "1m",
+            "input_series": [
+                *gpu_series(rising, used="60e9+1e9x40", total="100e9x40"),
+                *gpu_series(
+                    pool,
+                    used="2e9x4 95e9x56",
+                    total="100e9x60",
+                    rmm_used="0x4 20e9x56",
+                    rmm_pool="0x4 93e9x56",
+                ),
+                *gpu_series(plateau, used="2e9x4 85e9x56", total="100e9x60"),
+            ],
+            "alert_rule_test": [
+                check(GPU_PREDICTED, "10m"),
+                # at 12m: 72e9 used, +60e9 within the hour: 132% of the device
+                check(GPU_PREDICTED, "12m", expect(GPU_PREDICTED, rising, "132%")),
+                check(GPU_HIGH, "34m"),
+                # above 90% from 31m (91e9); at 37m 97e9 of 100e9
+                check(GPU_HIGH, "37m", expect(GPU_HIGH, rising, "97%")),
+            ],
+        },
+        {
+            "name": f"{GPU_HIGH} and {GPU_PREDICTED} stay silent for an RMM pool and a flat "
+            "plateau, from the moment the memory is reserved",
+            "interval": "1m",
+            "input_series": [
+                *gpu_series(
+                    pool,
+                    used="2e9x4 95e9x56",
+                    total="100e9x60",
+                    rmm_used="0x4 20e9x56",
+                    rmm_pool="0x4 93e9x56",
+                ),
+                *gpu_series(plateau, used="2e9x4 85e9x56", total="100e9x60"),
+            ],
+            "alert_rule_test": [
+                *(check(GPU_HIGH, f"{t}m") for t in quiet),
+                *(check(GPU_PREDICTED, f"{t}m") for t in quiet),
+            ],
+        },
+        {
+            "name": f"{GPU_HIGH} fires above dask-cuda's device memory limit where it is known",
+            "interval": "1m",
+            "input_series": gpu_series(limited, used="55e9x10", total="100e9x10", limit="50e9x10"),
+            "alert_rule_test": [
+                check(GPU_HIGH, "4m"),
+                # 55e9 in use of a 50e9 limit
+                check(GPU_HIGH, "6m", expect(GPU_HIGH, limited, "110%")),
+            ],
+        },
+    ]
+
+
 def alert_tests() -> list[dict[str, Any]]:
-    tests = []
+    tests = gpu_tests()
 
     leaky = worker("leaky", 40001)
     leaky_b = worker("leaky", 40001, "exporter-b:9787")

@@ -35,6 +35,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "terminate": ("0.9", 0.9),
     "proc_root": ("/host/proc", "/host/proc"),
     "process_metrics": ("false", False),
+    "nvml": ("false", False),
     "log_level": ("debug", "DEBUG"),
     "tls_ca_file": ("/certs/ca.pem", "/certs/ca.pem"),
     "tls_cert": ("/certs/cert.pem", "/certs/cert.pem"),
@@ -42,6 +43,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "http_max_connections": ("64", 64),
     "http_idle_timeout": ("2s", 2.0),
     "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
+    "remediate": ("trim,gc", ("gc", "trim")),
+    "remediate_token_file": ("/etc/token", "/etc/token"),
+    "remediate_interval": ("15m", 900.0),
+    "remediate_dry_run": ("true", True),
 }
 
 
@@ -148,6 +153,8 @@ def test_every_field_is_an_option_and_a_variable(
     assert set(SAMPLES) == set(Settings.model_fields), "add a sample for each new field"
     raw, expected = SAMPLES[name]
     base = {} if name == "scheduler" else {"DASK_SCHEDULER_ADDRESS": SCHEDULER}
+    if name == "remediate":  # which needs its token
+        base[ENV_PREFIX + "REMEDIATE_TOKEN_FILE"] = "/etc/token"
     for var, value in base.items():
         monkeypatch.setenv(var, value)
     field = Settings.model_fields[name]
@@ -231,7 +238,7 @@ def test_readme_options_table_lists_every_option(
     documented = set(re.findall(r"`(--[\w-]+)`", table))
     monkeypatch.setenv("COLUMNS", "1000")
     options = set(_help_lines(["serve", "--help"], capsys)) - {"--help"}
-    options |= {"--no-process-metrics"}
+    options |= {"--no-process-metrics", "--no-nvml"}
     assert documented == options
 
 

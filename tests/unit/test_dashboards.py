@@ -29,6 +29,8 @@ from dask_memory_exporter.dashboards import (
     render_provider,
     render_provisioning,
 )
+from dask_memory_exporter.gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES
+from dask_memory_exporter.heartbeat import GPU_GAUGES, WORKER_GPU_MEMORY_TOTAL_BYTES
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import alert_rules, recording_rules
 
@@ -193,7 +195,7 @@ def test_panels_have_datasource_targets_and_a_place_on_the_grid(file: str) -> No
 def test_variables(file: str) -> None:
     doc = ALL[file]
     variables = {v["name"]: v for v in doc["templating"]["list"]}
-    assert list(variables) == ["datasource", *CONFIG.cluster_labels, "worker"]
+    assert list(variables) == ["datasource", *CONFIG.cluster_labels, "worker", "gpu"]
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
     assert ds["current"]["value"] == "${" + DATASOURCE_INPUT + "}"
@@ -218,6 +220,31 @@ def test_variables(file: str) -> None:
 def test_cluster_labels_may_not_shadow_the_dashboards_own_variables() -> None:
     with pytest.raises(ValueError, match="worker"):
         render_files(dataclasses.replace(CONFIG, cluster_labels=("job", "worker")))
+    with pytest.raises(ValueError, match="gpu"):
+        render_files(dataclasses.replace(CONFIG, cluster_labels=("gpu",)))
+
+
+@pytest.mark.parametrize("file", [CLUSTER_FILE, WORKER_FILE])
+def test_gpu_row_only_where_gpu_series_exist(file: str) -> None:
+    """A collapsed GPU row repeated over the hidden variable ``gpu``, which lists the device
+    memory family among the selected series (empty without GPU workers); its panels read only
+    GPU families, and the heartbeat row shows none of them."""
+    doc = ALL[file]
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    gpu = variables["gpu"]
+    assert gpu["hide"] == 2  # hidden
+    assert gpu["query"].startswith(f"label_values({WORKER_GPU_MEMORY_TOTAL_BYTES}{{")
+    assert gpu["query"].endswith(", __name__)")
+    rows = {p["title"]: p for p in doc["panels"] if p["type"] == "row"}
+    row = rows["GPU (workers that report a device)"]
+    assert row["collapsed"] is True and row["repeat"] == "gpu"
+    gpu_names = {g.metric.name for g in GPU_GAUGES} | {WORKER_GPU_PROCESS_MEMORY_BYTES}
+    read = {m for p in row["panels"] for t in p["targets"] for m in SERIES.findall(t["expr"])}
+    assert read and read <= gpu_names
+    others = [p for p in doc["panels"] if p["type"] != "row"]
+    for p in others:
+        for t in p.get("targets", []):
+            assert not set(SERIES.findall(t["expr"])) & gpu_names, p["title"]
 
 
 # --- the contract with names.py and rules.py -------------------------------------------------
@@ -300,7 +327,7 @@ def test_every_query_uses_the_configured_selector(recording: bool) -> None:
                 if not expr.startswith("label_values"):
                     assert 'cluster=~"$cluster", namespace=~"$namespace"' in matchers, expr
         names = [v["name"] for v in doc["templating"]["list"]]
-        assert names == ["datasource", "cluster", "namespace", "worker"]
+        assert names == ["datasource", "cluster", "namespace", "worker", "gpu"]
 
 
 @pytest.mark.parametrize("recording", [True, False])

@@ -12,6 +12,7 @@ nanny restart are in tests/integration/test_sidecar.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import selectors
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
+from dask_memory_exporter.gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES, NvmlReader
 from dask_memory_exporter.process import (
     LocalProcess,
     LocalProcessSource,
@@ -266,3 +268,91 @@ def test_unreadable_process_table_warns_once(
         use_proc_root("/proc")  # the table comes back (a remount, say)
         assert source.read({}).ok
     assert any("readable again" in r.getMessage() for r in caplog.records)
+
+
+# --- device memory per process through NVML (sidecar, optional) ------------------------------
+class _Proc:
+    def __init__(self, pid: int, used: int | None) -> None:
+        self.pid, self.usedGpuMemory = pid, used
+
+
+class StandInNvml:
+    """pynvml's calls the reader makes, answering for one or two devices: there is no GPU on
+    the machines the tests run on, so the device is simulated; the processes are real."""
+
+    def __init__(self, per_device: list[list[_Proc]], graphics: list[_Proc] | None = None) -> None:
+        self.per_device, self.graphics = per_device, graphics or []
+        self.shut = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.per_device)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_Proc]:
+        return self.per_device[handle]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list[_Proc]:
+        return self.graphics if handle == 0 else []
+
+
+def test_nvml_bytes_of_the_matched_worker_process(plain: Tree) -> None:
+    """The worker process's device memory, summed over devices, on its scheduler address;
+    a pid NVML gives no figure for (None, or NVML_VALUE_NOT_AVAILABLE) and other processes
+    are left out; a process in both of NVML's lists counts once per device."""
+    nvml = StandInNvml(
+        [
+            [_Proc(plain.worker_pid, 3 * 2**30), _Proc(1, 5 * 2**30), _Proc(plain.host_pid, None)],
+            [_Proc(plain.worker_pid, 2**30)],
+        ],
+        graphics=[_Proc(plain.worker_pid, 3 * 2**30), _Proc(2, 2**64 - 1)],
+    )
+    reader = NvmlReader.open(load=lambda: nvml)  # type: ignore[arg-type, return-value]
+    assert reader is not None
+    assert reader.read() == {plain.worker_pid: 4 * 2**30, 1: 5 * 2**30}
+    source = LocalProcessSource(scheduler_address=plain.scheduler, gpu=reader)
+    assert source.families == (WORKER_GPU_PROCESS_MEMORY_BYTES,)
+    result = asyncio.run(source.fetch(workers(decoy(plain), plain.worker())))
+    assert result.values == {plain.address: {WORKER_GPU_PROCESS_MEMORY_BYTES: 4 * 2**30}}
+    assert result.rss.keys() == {plain.address}  # RSS as before
+
+
+def test_without_pynvml_or_a_device_nothing_changes(plain: Tree) -> None:
+    """No pynvml (simulated: it is installed for the tests), NVML without a device, or NVML
+    failing in a read: no reader, or no values; the RSS is read as before."""
+    assert NvmlReader.open(load=lambda: None) is None
+    empty = StandInNvml([])
+    assert NvmlReader.open(load=lambda: empty) is None  # type: ignore[arg-type, return-value]
+    assert empty.shut  # initialised, found no device, released
+    source = LocalProcessSource(scheduler_address=plain.scheduler)
+    assert source.families == ()
+    result = asyncio.run(source.fetch(workers(plain.worker())))
+    assert result.values == {} and result.rss.keys() == {plain.address}
+
+    class Failing(StandInNvml):
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_Proc]:
+            raise RuntimeError("GPU is lost")
+
+    reader = NvmlReader.open(load=lambda: Failing([[]]))  # type: ignore[arg-type, return-value]
+    assert reader is not None and reader.read() == {}
+    gpu_source = LocalProcessSource(scheduler_address=plain.scheduler, gpu=reader)
+    result = asyncio.run(gpu_source.fetch(workers(plain.worker())))
+    assert result.values == {} and result.rss.keys() == {plain.address}
+
+
+@pytest.mark.skipif(
+    os.path.exists("/dev/nvidiactl"), reason="a GPU driver is present: NVML may open"
+)
+def test_real_nvml_without_a_driver_opens_nothing() -> None:
+    """The real pynvml (installed with the test extra) on a machine without an NVIDIA driver:
+    NVML's library is missing, so there is no reader and serve runs as before."""
+    import pynvml  # noqa: F401  (importable: the test extra installs nvidia-ml-py)
+
+    assert NvmlReader.open() is None
