@@ -17,8 +17,6 @@ import re
 from functools import cache
 from importlib import resources
 
-import markdown
-
 __all__ = ["PATH", "anchor", "page", "render", "source"]
 
 PATH = "/runbooks"
@@ -46,6 +44,8 @@ def source() -> str:
 
 def render(text: str) -> str:
     """A whole HTML page of the Markdown ``text``; no script, only an inline style."""
+    import markdown  # only when the page is first asked for: no cost to an exporter otherwise
+
     body = markdown.markdown(
         text,
         extensions=["tables", "fenced_code", "toc"],

@@ -201,3 +201,6 @@ async def test_bars_in_a_screenshot_match_the_metrics(live: Live, tmp_path: Path
         check_bar(rgb_img, left, y, bar, end)
     # what the test set up is in the picture: managed data on both, spilled data on one
     assert all(b.managed for b in workers) and any(b.spilled for b in workers)
+    # scheduler mode reads no RSS from the OS: the table has no column for it
+    status, _, page = await exporter.get("/")
+    assert status == 200 and b"RSS from the OS" not in page
