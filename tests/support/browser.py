@@ -2,7 +2,9 @@
 
 Also a command, to refresh the screenshot in the docs from a running demo::
 
-    .venv/bin/python -m tests.support.browser http://127.0.0.1:9787/ docs/landing-page.png
+    .venv/bin/python -m tests.support.browser http://127.0.0.1:9787/ docs/landing-page.png 470
+
+(the last argument, optional, is the window's height in pixels).
 """
 
 from __future__ import annotations
@@ -51,4 +53,5 @@ def screenshot(url: str, out: Path, window: tuple[int, int] = WINDOW) -> None:
 
 
 if __name__ == "__main__":
-    screenshot(sys.argv[1], Path(sys.argv[2]))
+    height = int(sys.argv[3]) if len(sys.argv) > 3 else WINDOW[1]
+    screenshot(sys.argv[1], Path(sys.argv[2]), (WINDOW[0], height))
