@@ -22,9 +22,11 @@ from .collector import (
     OPENMETRICS_CONTENT_TYPE,
     TEXT_CONTENT_TYPE,
     Exposition,
+    cluster_parts,
     package_version,
 )
 from .config import Settings
+from .gateway import ClusterEntry, GatewayLister, GatewayPoller
 from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
@@ -39,7 +41,7 @@ from .snapshot import Poller, Snapshot
 from .source import Source
 from .webconfig import UNAUTHENTICATED_PATHS, WEB_CONFIG, www_authenticate
 
-__all__ = ["ExporterState", "make_app"]
+__all__ = ["ExporterState", "make_app", "make_poller", "make_sources"]
 
 logger = logging.getLogger(__name__)
 SERVER_HEADER = f"dask-memory-exporter/{package_version('dask-memory-exporter')}"
@@ -52,15 +54,22 @@ VARY = "Accept, Accept-Encoding"
 
 
 class ExporterState:
-    """The current Exposition, swapped atomically after each poll.
+    """The current Exposition, swapped atomically after each poll, and what the Poller polls.
 
     ``collectors`` are rendered beside the Snapshot's families: counters that change between
-    polls (remediation), re-rendered with :meth:`republish`.
+    polls (remediation), re-rendered with :meth:`republish`. ``sources``: the sources to poll,
+    None for those the settings ask for.
     """
 
-    def __init__(self, settings: Settings, collectors: Sequence[Collector] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        collectors: Sequence[Collector] = (),
+        sources: Sequence[Source] | None = None,
+    ) -> None:
         self.settings = settings
         self.collectors = tuple(collectors)
+        self.sources = None if sources is None else tuple(sources)
         self._latest = Snapshot(
             time=time.time(),
             thresholds=settings.thresholds,
@@ -68,7 +77,7 @@ class ExporterState:
         )
         self._render_lock = asyncio.Lock()
         self.exposition = self._render(self._latest)
-        self.poller: Poller | None = None
+        self.poller: Poller | GatewayPoller | None = None
 
     def _render(self, snapshot: Snapshot) -> Exposition:
         return Exposition.render(
@@ -98,12 +107,13 @@ STATE = web.AppKey("state", ExporterState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_poller(settings: Settings, state: ExporterState) -> Poller:
-    """The Poller for these settings, publishing into ``state``.
+def make_sources(settings: Settings) -> list[Source]:
+    """The sources these settings ask for.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
     exporter, joined with the scheduler's data when an address is given. ``both``: every
-    worker the scheduler knows, with direct RSS for the local ones.
+    worker the scheduler knows, with direct RSS for the local ones. (With a gateway, the
+    sources come and go with its clusters: ``make_gateway_poller``.)
     """
     sources: list[Source] = []
     if settings.scheduler:
@@ -114,8 +124,18 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
         sources.append(
             LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
         )
+    return sources
+
+
+def make_poller(
+    settings: Settings, state: ExporterState, sources: Sequence[Source] | None = None
+) -> Poller | GatewayPoller:
+    """The Poller publishing into ``state``: of ``sources``, or of those the settings ask for
+    (with a gateway: one Poller per cluster it lists)."""
+    if settings.gateway and sources is None:
+        return make_gateway_poller(settings, state)
     return Poller(
-        sources,
+        make_sources(settings) if sources is None else sources,
         MemoryModel(settings.recent_to_old_time),
         settings.thresholds,
         state.publish,
@@ -126,17 +146,46 @@ def make_poller(settings: Settings, state: ExporterState) -> Poller:
     )
 
 
-def make_app(settings: Settings) -> web.Application:
+def make_gateway_poller(settings: Settings, state: ExporterState) -> GatewayPoller:
+    """One Poller per cluster the gateway lists, through the gateway's proxy."""
+    assert settings.gateway and settings.gateway_api_token_file
+    lister = GatewayLister(
+        settings.gateway,
+        proxy_address=settings.gateway_proxy_address,
+        auth=settings.gateway_auth,
+        user=settings.gateway_user,
+        token_file=settings.gateway_api_token_file,
+        timeout=settings.timeout,
+    )
+
+    def source(entry: ClusterEntry) -> Source:
+        return SchedulerSource(entry.address, entry.security, settings.timeout)
+
+    return GatewayPoller(
+        lister,
+        source,
+        settings.recent_to_old_time,
+        settings.thresholds,
+        state.publish,
+        list_interval=settings.gateway_list_interval,
+        min_interval=settings.poll_interval,
+        max_backoff=settings.max_backoff,
+        stale_after=settings.stale_after,
+    )
+
+
+def make_app(settings: Settings, sources: Sequence[Source] | None = None) -> web.Application:
     """Build the aiohttp application; polling starts when the app starts.
 
-    With ``--remediate``, the Alertmanager webhook too (ConfigError if its token file is
-    unusable).
+    ``sources``: the sources to poll, instead of those the settings ask for (the scheduler
+    preload hands over its in-process source). With ``--remediate``, the Alertmanager
+    webhook too (ConfigError if its token file is unusable).
     """
     app = web.Application(middlewares=[_basic_auth])
     remediator: Remediator | None = None
     if settings.remediate:
         remediator = Remediator(settings, lambda: state.snapshot)
-    state = ExporterState(settings, [remediator.stats] if remediator else [])
+    state = ExporterState(settings, [remediator.stats] if remediator else [], sources)
     app[STATE] = state
     if remediator is not None:
         remediator.on_counted = state.republish
@@ -153,7 +202,7 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _run_poller(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.poller = make_poller(state.settings, state)
+    state.poller = make_poller(state.settings, state, state.sources)
     task = asyncio.create_task(state.poller.run(), name="dask-memory-exporter-poller")
     yield
     task.cancel()
@@ -220,6 +269,11 @@ async def readyz(request: web.Request) -> web.Response:
     """
     state = request.app[STATE]
     snap = state.snapshot
+    if state.settings.gateway:
+        if snap.polled and all(s.success for s in snap.sources):
+            return web.Response(text="ready\n")
+        reason = "gateway unreachable" if snap.polled else "gateway not listed yet"
+        return web.Response(status=503, text=f"not ready: {reason}\n")
     if state.settings.mode == "local":
         if any(s.name == SOURCE_LOCAL and s.success for s in snap.sources):
             return web.Response(text="ready\n")
@@ -263,22 +317,31 @@ async def landing(request: web.Request) -> web.Response:
     esc = html.escape
     # Columns that cannot be filled are left out: direct RSS exists only in the sidecar
     # modes, and a source's own family only where some worker reports it.
-    with_rss = any(w.rss is not None for w in snap.workers) or bool(snap.local_only)
-    extra = [m for m in snap.families if any(m in w.values for w in snap.workers)]
+    clustered = bool(state.settings.gateway)
+    parts = cluster_parts(snap)
+    workers = sorted(
+        ((name, w, s) for name, s in parts for w in s.workers),
+        key=lambda t: (t[0], t[1].info.name),
+    )
+    families = dict.fromkeys(m for _, s in parts for m in s.families)
+    with_rss = any(w.rss is not None for _, w, _ in workers) or bool(snap.local_only)
+    extra = [m for m in families if any(m in w.values for _, w, _ in workers)]
     rows = []
-    for w in sorted(snap.workers, key=lambda w: w.info.name):
+    for cluster, w, wsnap in workers:
         info, mem = w.info, w.memory
         share = f"{mem.process / info.memory_limit:.0%}" if info.memory_limit else ""
         cells = [
+            *([esc(cluster)] if clustered else []),
             esc(info.name), esc(info.address), esc(info.status),
             _mib(mem.process), _mib(mem.managed), _mib(mem.unmanaged_old),
             _mib(mem.unmanaged_recent), _mib(mem.spilled), _mib(info.memory_limit), share,
-            f"{max(0.0, snap.time - info.last_seen):.1f}",
+            f"{max(0.0, wsnap.time - info.last_seen):.1f}",
             *([_mib(w.rss)] if with_rss else []),
             *(_cell(m, w.values.get(m)) for m in extra),
         ]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     heads = [
+        *(["cluster"] if clustered else []),
         "name", "address", "status", "process MiB", "managed MiB", "unmanaged MiB",
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
         *(["RSS from the OS MiB"] if with_rss else []), *(_column(m) for m in extra),
@@ -300,9 +363,22 @@ async def landing(request: web.Request) -> web.Response:
         if snap.has_scheduler
         else ""
     )
+    if clustered:
+        listed = "up" if snap.polled and all(s.success for s in snap.sources) else "DOWN"
+        down = sum(1 for _, s in parts if not s.scheduler_up)
+        scheduler = (
+            f"Gateway {esc(state.settings.gateway or '')}: <b>{listed}</b>; "
+            f"{len(snap.clusters)} clusters ({down} unreachable); "
+        )
     sources = ", ".join(
         f"{esc(s.name)} {'ok' if s.success else 'FAILING'} ({s.errors_total} errors)"
         for s in snap.sources
+    )
+    # one picture per cluster (with its own total and thresholds) in gateway mode
+    pictures = "".join(
+        (f"<h2>{esc(name)}</h2>\n" if clustered else "") + render_snapshot(part)
+        for name, part in parts
+        if part.workers
     )
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
@@ -312,8 +388,8 @@ async def landing(request: web.Request) -> web.Response:
 <h1>Dask memory exporter</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
 <a href="/readyz">Readiness</a> · <a href="/runbooks">Runbooks</a></p>
-<p>{scheduler}{len(snap.workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
-{render_snapshot(snap) if snap.workers else ""}
+<p>{scheduler}{len(workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
+{pictures}
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {"".join(rows)}
 </table>

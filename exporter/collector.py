@@ -105,8 +105,9 @@ def _plugin_gauge(metric: Metric) -> WorkerGauge:
 
 
 def worker_gauges(snapshot: Snapshot) -> tuple[WorkerGauge, ...]:
-    """Every per-worker family of a Snapshot: the core ones, then the sources' own."""
-    return CORE_GAUGES + tuple(_plugin_gauge(m) for m in snapshot.families)
+    """Every per-worker family of a Snapshot: the core ones, then the sources' own (in gateway
+    mode, those of every cluster)."""
+    return _all_gauges(cluster_parts(snapshot))
 
 
 class SnapshotCollector(Collector):
@@ -131,46 +132,65 @@ class SnapshotCollector(Collector):
         yield from self._self_families()
 
     def _worker_families(self) -> Iterator[PromMetric]:
-        snap = self.snapshot
-        thresholds = list(snap.thresholds.items())
-        for g in worker_gauges(snap):
-            fam = GaugeMetricFamily(g.metric, g.metric.help, labels=list(g.metric.labels))
-            for w in snap.workers:
-                v = g.value(w, snap)
-                if v is None:
-                    continue
-                lv = [w.info.address, w.info.name]
-                if g.per_threshold:
-                    for key, ratio in thresholds:
-                        fam.add_metric([*lv, key], v * ratio)
-                else:
-                    fam.add_metric(lv, v)
-            if g.local_only is not None:
-                for p in snap.local_only:
-                    lv_v = g.local_only(p)
-                    if lv_v is not None:
-                        fam.add_metric(["", p.name], lv_v)
+        parts = cluster_parts(self.snapshot)
+        cl = [n.LABEL_CLUSTER] if self.snapshot.clusters else []
+        for g in _all_gauges(parts):
+            fam = GaugeMetricFamily(g.metric, g.metric.help, labels=[*cl, *g.metric.labels])
+            for prefix, snap in parts:
+                thresholds = list(snap.thresholds.items())
+                pre = [prefix] if cl else []
+                for w in snap.workers:
+                    v = g.value(w, snap)
+                    if v is None:
+                        continue
+                    lv = [*pre, w.info.address, w.info.name]
+                    if g.per_threshold:
+                        for key, ratio in thresholds:
+                            fam.add_metric([*lv, key], v * ratio)
+                    else:
+                        fam.add_metric(lv, v)
+                if g.local_only is not None:
+                    for p in snap.local_only:
+                        lv_v = g.local_only(p)
+                        if lv_v is not None:
+                            fam.add_metric([*pre, "", p.name], lv_v)
             if fam.samples:
                 yield fam
 
     def _self_families(self) -> Iterator[PromMetric]:
-        snap = self.snapshot
-        if snap.has_scheduler:
+        """The exporter's own families; in gateway mode the gateway's (no ``cluster`` label)
+        followed by each cluster's (labelled ``cluster``)."""
+        top = self.snapshot
+        parts: list[tuple[dict[str, str], Snapshot]] = [({}, top)]
+        parts += [({n.LABEL_CLUSTER: name}, s) for name, s in top.clusters.items()]
+        scheduled = [(lv, s) for lv, s in parts if s.has_scheduler]
+        if scheduled:
             # Omitted for a local-only exporter (no scheduler configured): nothing is down.
-            yield _gauge(n.SCHEDULER_UP, 1.0 if snap.scheduler_up else 0.0)
-        if snap.scheduler_workers is not None:
-            yield _gauge(n.SCHEDULER_WORKERS, snap.scheduler_workers)
-        if snap.poll_duration is not None:
-            yield _gauge(n.EXPORTER_POLL_DURATION_SECONDS, snap.poll_duration)
-        if snap.last_success is not None:
-            yield _gauge(n.EXPORTER_LAST_SUCCESS_TIMESTAMP_SECONDS, snap.last_success)
-        yield CounterMetricFamily(
-            n.EXPORTER_POLLS_TOTAL.family, n.EXPORTER_POLLS_TOTAL.help, value=snap.polls_total
-        )
-        if snap.has_scheduler:
-            yield _gauge(n.EXPORTER_SKIPPED_WORKERS, snap.skipped_workers)
-        for metric, value in snap.source_gauges.items():
-            yield _gauge(metric, value)
+            yield _family(
+                n.SCHEDULER_UP, [(lv, 1.0 if s.scheduler_up else 0.0) for lv, s in scheduled]
+            )
+        for metric, attr in (
+            (n.SCHEDULER_WORKERS, "scheduler_workers"),
+            (n.EXPORTER_POLL_DURATION_SECONDS, "poll_duration"),
+            (n.EXPORTER_LAST_SUCCESS_TIMESTAMP_SECONDS, "last_success"),
+        ):
+            values = [(lv, getattr(s, attr)) for lv, s in parts if getattr(s, attr) is not None]
+            if values:
+                yield _family(metric, values)
+        polls = CounterMetricFamily(n.EXPORTER_POLLS_TOTAL.family, n.EXPORTER_POLLS_TOTAL.help)
+        for lv, s in parts:
+            polls.add_sample(n.EXPORTER_POLLS_TOTAL.name, lv, s.polls_total)
+        yield polls
+        if scheduled:
+            yield _family(
+                n.EXPORTER_SKIPPED_WORKERS, [(lv, s.skipped_workers) for lv, s in scheduled]
+            )
+        gauges: dict[Metric, list[tuple[dict[str, str], float]]] = {}
+        for lv, s in parts:
+            for metric, value in s.source_gauges.items():
+                gauges.setdefault(metric, []).append((lv, value))
+        for metric, values in gauges.items():
+            yield _family(metric, values)
         success = _labelled(n.EXPORTER_SOURCE_SUCCESS)
         duration = _labelled(n.EXPORTER_SOURCE_DURATION_SECONDS)
         errors = CounterMetricFamily(
@@ -178,11 +198,17 @@ class SnapshotCollector(Collector):
             n.EXPORTER_SOURCE_ERRORS_TOTAL.help,
             labels=list(n.EXPORTER_SOURCE_ERRORS_TOTAL.labels),
         )
-        for s in snap.sources:
-            success.add_metric([s.name], 1.0 if s.success else 0.0)
-            duration.add_metric([s.name], s.duration)
-            for reason, count in s.errors:
-                errors.add_metric([s.name, reason], count)
+        for lv, snap in parts:
+            for st in snap.sources:
+                labels = {**lv, n.LABEL_SOURCE: st.name}
+                success.add_sample(success.name, labels, 1.0 if st.success else 0.0)
+                duration.add_sample(duration.name, labels, st.duration)
+                for reason, count in st.errors:
+                    errors.add_sample(
+                        n.EXPORTER_SOURCE_ERRORS_TOTAL.name,
+                        {**labels, n.LABEL_REASON: reason},
+                        count,
+                    )
         yield success
         yield duration
         yield errors
@@ -191,8 +217,27 @@ class SnapshotCollector(Collector):
         )
 
 
-def _gauge(metric: Metric, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(metric, metric.help, value=value)
+def cluster_parts(snapshot: Snapshot) -> list[tuple[str, Snapshot]]:
+    """(cluster name, Snapshot) of each cluster in gateway mode, else ``[("", snapshot)]``."""
+    if snapshot.clusters:
+        return list(snapshot.clusters.items())
+    return [("", snapshot)]
+
+
+def _all_gauges(parts: list[tuple[str, Snapshot]]) -> tuple[WorkerGauge, ...]:
+    """The per-worker families of every part: the core ones, then each source family once."""
+    families: dict[Metric, None] = {}
+    for _, snap in parts:
+        families.update(dict.fromkeys(snap.families))
+    return CORE_GAUGES + tuple(_plugin_gauge(m) for m in families)
+
+
+def _family(metric: Metric, values: list[tuple[dict[str, str], float]]) -> GaugeMetricFamily:
+    """An unlabelled gauge family, with the ``cluster`` label on the samples that have one."""
+    fam = GaugeMetricFamily(metric, metric.help)
+    for labels, value in values:
+        fam.add_sample(metric.name, labels, value)
+    return fam
 
 
 def _labelled(metric: Metric) -> GaugeMetricFamily:
@@ -213,35 +258,44 @@ def write_worker_families(snapshot: Snapshot) -> str:
     """The per-worker families as exposition text, valid in both formats.
 
     Gauges with labels look the same in the Prometheus text format and in OpenMetrics; the
-    label set of each worker is escaped once and reused for all its series.
+    label set of each worker is escaped once and reused for all its series. In gateway mode
+    each cluster's workers come in turn, their label sets starting with ``cluster``.
     """
-    workers = snapshot.workers
-    labelsets = [
-        f'{n.LABEL_WORKER}="{_escape(w.info.address)}",'
-        f'{n.LABEL_WORKER_NAME}="{_escape(w.info.name)}"'
-        for w in workers
-    ]
-    thresholds = [
-        (f',{n.LABEL_THRESHOLD}="{_escape(k)}"', r) for k, r in snapshot.thresholds.items()
-    ]
+    parts = cluster_parts(snapshot)
+    clustered = bool(snapshot.clusters)
+    rendered = []
+    for name, snap in parts:
+        pre = f'{n.LABEL_CLUSTER}="{_escape(name)}",' if clustered else ""
+        labelsets = [
+            f'{pre}{n.LABEL_WORKER}="{_escape(w.info.address)}",'
+            f'{n.LABEL_WORKER_NAME}="{_escape(w.info.name)}"'
+            for w in snap.workers
+        ]
+        thresholds = [
+            (f',{n.LABEL_THRESHOLD}="{_escape(k)}"', r) for k, r in snap.thresholds.items()
+        ]
+        rendered.append((pre, snap, labelsets, thresholds))
     out: list[str] = []
-    for g in worker_gauges(snapshot):
+    for g in _all_gauges(parts):
         name = g.metric.name
         lines: list[str] = []
-        for w, labels in zip(workers, labelsets, strict=True):
-            v = g.value(w, snapshot)
-            if v is None:
-                continue
-            if g.per_threshold:
-                lines.extend(f"{name}{{{labels}{t}}} {_number(v * r)}\n" for t, r in thresholds)
-            else:
-                lines.append(f"{name}{{{labels}}} {_number(v)}\n")
-        if g.local_only is not None:
-            for p in snapshot.local_only:
-                pv = g.local_only(p)
-                if pv is not None:
-                    labels = f'{n.LABEL_WORKER}="",{n.LABEL_WORKER_NAME}="{_escape(p.name)}"'
-                    lines.append(f"{name}{{{labels}}} {_number(pv)}\n")
+        for pre, snap, labelsets, thresholds in rendered:
+            for w, labels in zip(snap.workers, labelsets, strict=True):
+                v = g.value(w, snap)
+                if v is None:
+                    continue
+                if g.per_threshold:
+                    lines.extend(f"{name}{{{labels}{t}}} {_number(v * r)}\n" for t, r in thresholds)
+                else:
+                    lines.append(f"{name}{{{labels}}} {_number(v)}\n")
+            if g.local_only is not None:
+                for p in snap.local_only:
+                    pv = g.local_only(p)
+                    if pv is not None:
+                        labels = (
+                            f'{pre}{n.LABEL_WORKER}="",{n.LABEL_WORKER_NAME}="{_escape(p.name)}"'
+                        )
+                        lines.append(f"{name}{{{labels}}} {_number(pv)}\n")
         if lines:
             out.append(f"# HELP {name} {g.metric.help}\n# TYPE {name} gauge\n")
             out.extend(lines)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import dask.config
 from dask.utils import parse_timedelta
@@ -46,12 +47,14 @@ __all__ = [
     "add_settings_options",
     "load_settings",
     "parse_listen",
+    "read_secret_file",
     "shown_default",
 ]
 
 ENV_PREFIX = "DASK_MEMORY_EXPORTER_"
 Mode = Literal["scheduler", "local", "both"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+GatewayAuth = Literal["jupyterhub", "basic"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 THRESHOLDS = ("target", "spill", "pause", "terminate")
 """The memory manager's thresholds, named as in ``distributed.worker.memory.<name>``."""
@@ -241,6 +244,36 @@ class Settings(BaseSettings):
         description="exporter-toolkit web configuration file (TLS, basic auth), the format "
         "node_exporter's --web.config.file reads; also spelt --web.config.file",
     )
+    gateway: str | None = Field(
+        default=None,
+        description="dask-gateway address, e.g. http://traefik-dask-gateway (instead of "
+        "--scheduler): export every running cluster the gateway lists to the token's user, "
+        "each series labelled cluster",
+    )
+    gateway_proxy_address: str | None = Field(
+        default=None,
+        description="the gateway's scheduler proxy HOST:PORT; unset: dask-gateway's "
+        "gateway.proxy-address, else the host and port of --gateway",
+    )
+    gateway_auth: GatewayAuth = Field(
+        default="jupyterhub",
+        description="how to authenticate to the gateway: jupyterhub (a JupyterHub API token) "
+        "or basic (user --gateway-user, the file holds the password)",
+    )
+    gateway_user: str = Field(
+        default="dask-memory-exporter", description="user name for --gateway-auth basic"
+    )
+    gateway_api_token_file: str | None = Field(
+        default=None,
+        description="file holding the gateway credential (the JupyterHub API token, or the "
+        "basic-auth password), read again at every listing so a rotated secret is picked up",
+    )
+    gateway_list_interval: Duration = Field(
+        default=5.0,
+        gt=0,
+        description="time between listings of the gateway's clusters (new clusters appear, "
+        "stopped ones go, within this)",
+    )
 
     remediate: Actions = Field(
         default=(),
@@ -293,10 +326,46 @@ class Settings(BaseSettings):
             raise ValueError(f"unparsable scheduler address {v!r}: expected {scheme}://HOST:PORT")
         return v
 
+    @field_validator("gateway")
+    @classmethod
+    def _check_gateway(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        url = urlsplit(v)
+        try:
+            url.port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            raise ValueError(f"bad port in gateway address {v!r}") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"expected http(s)://HOST[:PORT][/PREFIX], got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("gateway_proxy_address")
+    @classmethod
+    def _check_proxy(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        host, _, port = v.removeprefix("gateway://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT or gateway://HOST:PORT, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _check_modes(self) -> Settings:
+        if self.gateway:
+            if self.scheduler:
+                raise ValueError("--gateway and --scheduler exclude each other: pass one")
+            if self.mode != "scheduler":
+                raise ValueError("--gateway works only with --mode scheduler")
+            if self.remediate:
+                raise ValueError("--remediate works with --scheduler only, not --gateway")
+            read_secret_file(self.gateway_api_token_file, "--gateway-api-token-file")
+            return self
         if self.mode != "local" and not self.scheduler:
-            raise ValueError("no scheduler address: pass --scheduler or set DASK_SCHEDULER_ADDRESS")
+            raise ValueError(
+                "no scheduler address: pass --scheduler (or --gateway) or set "
+                "DASK_SCHEDULER_ADDRESS"
+            )
         if self.remediate and not self.remediate_token_file:
             raise ValueError("--remediate needs --remediate-token-file (the webhook's token)")
         if self.remediate and not self.scheduler:
@@ -329,6 +398,21 @@ class Settings(BaseSettings):
                 require_encryption=True,
             )
         return Security()
+
+
+def read_secret_file(path: str | None, option: str) -> str:
+    """The stripped content of a credential file; ValueError naming ``option`` if unusable."""
+    if not path:
+        raise ValueError(f"{option} is required with --gateway")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"{option} {path}: cannot read: {why}") from None
+    if not text:
+        raise ValueError(f"{option} {path}: the file is empty")
+    return text
 
 
 def add_settings_options(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
@@ -406,7 +490,11 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     values = {k: v for k, v in overrides.items() if v is not None}
-    if "scheduler" not in values and not env.get(ENV_PREFIX + "SCHEDULER"):
+    gateway = values.get("gateway") or env.get(ENV_PREFIX + "GATEWAY")
+    if cli is not None and not gateway:
+        gateway = cli().get("gateway")
+    # The fallback is for a container of a Dask cluster; an exporter given a gateway is not.
+    if "scheduler" not in values and not env.get(ENV_PREFIX + "SCHEDULER") and not gateway:
         fallback = env.get("DASK_SCHEDULER_ADDRESS")
         if fallback:
             values["scheduler"] = fallback  # below --scheduler: the CLI source comes first

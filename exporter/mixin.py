@@ -17,8 +17,10 @@ class MixinConfig:
     exporter_selector: str = 'job="dask-memory-exporter"'
     """PromQL label matchers selecting the exporter's series (no braces)."""
 
-    cluster_labels: tuple[str, ...] = ("namespace", "job", "instance")
-    """Target labels that together identify one Dask cluster (one exporter target)."""
+    cluster_labels: tuple[str, ...] = ("namespace", "job", "instance", "cluster")
+    """Labels that together identify one Dask cluster: the exporter target's, plus ``cluster``,
+    which the gateway mode puts on every series (one target, many clusters). A series without
+    a label has it empty, so the same rules serve both kinds of exporter."""
 
     runbook_url_base: str = "http://{{ $labels.instance }}/runbooks"
     """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``. By default the

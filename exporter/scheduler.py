@@ -208,7 +208,9 @@ class SchedulerSource:
 
     async def _preflight(self) -> None:
         scheme, loc = parse_address(self.address, strict=False)
-        if scheme not in ("tcp", "tls"):
+        if scheme == "gateway":  # dask-gateway's TLS proxy: HOST:PORT/CLUSTER
+            loc = loc.partition("/")[0]
+        elif scheme not in ("tcp", "tls"):
             return
         host, port = parse_host_port(loc)
         where = f"{host}:{port}"

@@ -34,17 +34,19 @@ import os
 import resource
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import ConfigError, Settings
+from .source import Source
 from .webconfig import CHECK_INTERVAL, WEB_CONFIG, WebConfigWatcher, load_web_config
 
 __all__ = [
     "ConnectionGuard",
+    "ExporterServer",
     "ListenError",
     "RateLimitFilter",
     "connection_cap",
@@ -71,6 +73,11 @@ _BUSY_RESPONSE = (
 
 class ListenError(ConfigError):
     """The listen address cannot be bound (in use, not local, not permitted): exit 2."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        """Why, without the option's name (the preload names its own options)."""
 
 
 def raise_nofile_limit() -> int:
@@ -156,9 +163,10 @@ def _short(exc: BaseException | None) -> str:
 _FILTER = RateLimitFilter()
 
 
-def install_log_limits() -> None:
+def install_log_limits(*, asyncio_too: bool = True) -> None:
     """Rate-limit the loggers a client can make talk: aiohttp's server and asyncio's."""
-    for name in ("aiohttp.server", "aiohttp.web", "asyncio", http_logger.name):
+    names = ("aiohttp.server", "aiohttp.web", http_logger.name)
+    for name in (*names, "asyncio") if asyncio_too else names:
         log = logging.getLogger(name)
         if _FILTER not in log.filters:
             log.addFilter(_FILTER)
@@ -273,72 +281,119 @@ class GuardedSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
-async def serve(settings: Settings, until: Callable[[], Awaitable[None]]) -> None:
-    """Serve the app with the limits above until ``until()`` returns.
+class ExporterServer:
+    """The exporter app behind a listener with the limits above: started, then stopped.
 
-    With a web configuration file: TLS and basic auth from it, checked for changes every
-    second; a change of the TLS part reopens the listener with the new context.
+    ``serve`` runs one for the command line; the scheduler preload runs one inside the
+    scheduler's process with its own sources, and ``standalone=False``: the process is not
+    ours, so asyncio's logger (the scheduler's as well) is left without the rate limit and
+    running as root is the scheduler's affair, not warned about.
     """
-    from .app import make_app
 
-    watcher = None
-    if settings.web_config_file:
-        watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
-    ssl_context = watcher.current.tls if watcher else None
-    install_log_limits()
-    nofile = raise_nofile_limit()
-    limit = connection_cap(settings.http_max_connections, nofile)
-    app = make_app(settings)
-    if watcher is not None:
-        app[WEB_CONFIG] = watcher
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        keepalive_timeout=settings.http_idle_timeout,
-        shutdown_timeout=5.0,
-    )
-    await runner.setup()
-    site = GuardedSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        limit=limit,
-        ssl_context=ssl_context,
-        handshake_timeout=settings.http_idle_timeout,
-    )
-    try:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: Sequence[Source] | None = None,
+        *,
+        what: str | None = None,
+        standalone: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.sources = sources
+        self.what = what or f"scheduler {settings.scheduler}, mode {settings.mode}"
+        self.standalone = standalone
+        self.app: web.Application | None = None
+        self.site: GuardedSite | None = None
+        self._runner: web.AppRunner | None = None
+        self._reloader: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose for port 0)."""
+        assert self.site is not None, "not started"
+        return self.site.port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.site is not None and self.site._ssl_context else "http"
+
+    async def start(self) -> None:
+        """Listen and start polling; raise ListenError (one line) if the port cannot be had.
+
+        With a web configuration file: TLS and basic auth from it, checked for changes every
+        second; a change of the TLS part reopens the listener with the new context.
+        """
+        from .app import make_app
+
+        settings = self.settings
+        watcher = None
+        if settings.web_config_file:
+            watcher = WebConfigWatcher(load_web_config(settings.web_config_file))
+        ssl_context = watcher.current.tls if watcher else None
+        install_log_limits(asyncio_too=self.standalone)
+        nofile = raise_nofile_limit()
+        limit = connection_cap(settings.http_max_connections, nofile)
+        self.app = app = make_app(settings, self.sources)
+        if watcher is not None:
+            app[WEB_CONFIG] = watcher
+        self._runner = runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=settings.http_idle_timeout,
+            shutdown_timeout=5.0,
+        )
+        await runner.setup()
+        self.site = site = GuardedSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            limit=limit,
+            ssl_context=ssl_context,
+            handshake_timeout=settings.http_idle_timeout,
+        )
         try:
             await site.start()
         except OSError as e:
-            raise ListenError(_listen_error(settings.listen, e)) from None
-        scheme = "https" if ssl_context else "http"
+            await self.stop()
+            reason = _listen_reason(e)
+            raise ListenError(f"--listen {settings.listen}: {reason}", reason) from None
         logger.info(
-            "dask-memory-exporter serving on %s://%s:%s/metrics (scheduler %s, mode %s; "
+            "dask-memory-exporter serving on %s://%s:%s/metrics (%s; "
             "at most %d connections, idle timeout %gs, open-file limit %d)",
-            scheme,
+            self.scheme,
             settings.listen_host,
             site.port,
-            settings.scheduler,
-            settings.mode,
+            self.what,
             limit,
             settings.http_idle_timeout,
             nofile,
         )
-        if os.geteuid() == 0:
+        if self.standalone and os.geteuid() == 0:
             logger.warning("running as root is not needed; run as an unprivileged user")
-        if watcher is None:
-            await until()
-            return
-        reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
-        try:
-            await until()
-        finally:
+        if watcher is not None:
+            self._reloader = asyncio.create_task(_reload_web_config(watcher, site, runner))
+
+    async def stop(self) -> None:
+        """Stop listening and polling; idempotent."""
+        reloader, self._reloader = self._reloader, None
+        if reloader is not None:
             reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def serve(settings: Settings, until: Callable[[], Awaitable[None]]) -> None:
+    """Serve the app with the limits above until ``until()`` returns."""
+    server = ExporterServer(settings)
+    await server.start()
+    try:
+        await until()
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 async def _reload_web_config(
@@ -370,11 +425,10 @@ async def _reload_web_config(
         logger.info("listener reopened with the new TLS configuration")
 
 
-def _listen_error(listen: str, e: OSError) -> str:
+def _listen_reason(e: OSError) -> str:
     reasons = {
         errno.EADDRINUSE: "the address is already in use (another process holds the port)",
         errno.EADDRNOTAVAIL: "the address is not one of this host's",
         errno.EACCES: "permission denied (ports below 1024 need privileges)",
     }
-    reason = reasons.get(e.errno or 0, e.strerror or str(e))
-    return f"--listen {listen}: cannot listen: {reason}"
+    return "cannot listen: " + reasons.get(e.errno or 0, e.strerror or str(e))

@@ -93,6 +93,10 @@ class Snapshot:
     skipped_workers: int = 0
     has_scheduler: bool = True
     """False for a local-only exporter with no scheduler configured: nothing to be up or down."""
+    clusters: Mapping[str, Snapshot] = field(default_factory=dict)
+    """Gateway mode (``gateway.py``): each cluster's own Snapshot by cluster name. This Snapshot
+    then holds no workers, only the gateway's status (its listing as source ``gateway``); the
+    collector labels every series of a cluster with ``cluster``."""
 
 
 class _Runner:
@@ -218,14 +222,19 @@ class Poller:
     def runners(self) -> list[_Runner]:
         return [*([self.roster] if self.roster else []), *self.others]
 
-    async def poll_once(self) -> Snapshot:
-        """One attempt: fetch from every source, update the model, publish."""
+    async def poll_once(self, budget: float | None = None) -> Snapshot:
+        """One attempt: fetch from every source, update the model, publish.
+
+        ``budget``: the most seconds to wait for the roster. A fetch still running then is
+        left in flight and its result used by a later poll (the gateway mode polls many
+        clusters under one budget this way).
+        """
         prev = self.snapshot
         start = time.perf_counter()
         # The roster first; alone, it is awaited to the end (its own timeout bounds it).
         fresh = False  # a roster fetch completed and succeeded in this poll
         if self.roster is not None:
-            wait = self.next_delay() if self.others else None
+            wait = budget if budget is not None else self.next_delay() if self.others else None
             completed = await self.roster.step(_known(prev), wait)
             fresh = completed and self.roster.status is not None and self.roster.status.success
         roster = self.roster.last if self.roster is not None else None
@@ -237,7 +246,9 @@ class Poller:
             infos = _known(prev)
         if self.others:
             await asyncio.gather(*(r.step(infos, self.next_delay()) for r in self.others))
-        snap = self._build(prev, infos, fresh, start)
+        # Building the Snapshot (a thousand workers' breakdowns) runs in a thread: the event
+        # loop may be a scheduler's (the preload), and scrapes keep being answered meanwhile.
+        snap = await asyncio.to_thread(self._build, prev, infos, fresh, start)
         self.snapshot = snap
         await self.publish(snap)
         return snap
@@ -262,7 +273,11 @@ class Poller:
             keep = rss.keys() if readable else {w.info.address for w in prev.workers}
             infos = {a: w for a, w in infos.items() if a in keep}
         override = {a: v for a, v in rss.items() if a in infos}
-        memory = self.model.update({a: w.reading for a, w in infos.items()}, override)
+        # A breakdown a source hands over ready (read inside the scheduler) is used as it
+        # is; the model mirrors the heartbeats of the other workers.
+        exact = {a: m for a, m in _exact(results).items() if a in infos and a not in override}
+        readings = {a: w.reading for a, w in infos.items() if a not in exact}
+        memory = {**self.model.update(readings, override), **exact}
         workers = tuple(
             WorkerSnapshot(info=w, memory=memory[a], rss=override.get(a), values=values.get(a, {}))
             for a, w in infos.items()
@@ -308,6 +323,12 @@ class Poller:
         n = self.snapshot.scheduler_workers or 0
         return max(self.min_interval, float(heartbeat_interval(n)))
 
+    @property
+    def fetch_done(self) -> bool:
+        """True when a roster fetch left in flight by an earlier poll has finished."""
+        task = self.roster.task if self.roster is not None else None
+        return task is not None and task.done()
+
     async def run(self) -> None:
         """Poll until cancelled."""
         try:
@@ -317,15 +338,28 @@ class Poller:
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(max(0.0, self.next_delay() - elapsed))
         finally:
-            for r in self.runners:
-                await r.cancel()
-                await r.source.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Cancel fetches in flight and close every source."""
+        for r in self.runners:
+            await r.cancel()
+            await r.source.close()
 
 
 def _usable(r: _Runner) -> bool:
     """A source's last result is used while its last completed fetch succeeded, and for the
     roster while it is down too (the last workers heard of, flagged by scheduler_up)."""
     return r.source.roster or (r.status is not None and r.status.success)
+
+
+def _exact(results: Sequence[SourceResult]) -> dict[str, MemoryBreakdown]:
+    """The ready breakdowns of the results that carry them, by worker address."""
+    out: dict[str, MemoryBreakdown] = {}
+    for res in results:
+        if res.memory:
+            out.update(res.memory)
+    return out
 
 
 def _known(snapshot: Snapshot) -> dict[str, WorkerInfo]:

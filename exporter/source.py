@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .memory import WorkerReading
+from .memory import MemoryBreakdown, WorkerReading
 from .names import Metric
 
 __all__ = [
@@ -98,6 +98,10 @@ class SourceResult:
     """Per worker address, the values of the source's own per-worker families."""
     gauges: Mapping[Metric, float] = field(default_factory=dict)
     """The source's own unlabelled self-metrics (e.g. processes it could not read)."""
+    memory: Mapping[str, MemoryBreakdown] | None = None
+    """A ready breakdown by worker address (roster sources only), used as it is instead of
+    the model's mirror of the heartbeats: a source inside the scheduler's process reads the
+    scheduler's own ``WorkerState.memory``, exact, sliding window included."""
 
 
 class Source(Protocol):

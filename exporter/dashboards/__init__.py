@@ -28,8 +28,9 @@ current value is ``${DS_PROMETHEUS}``, the one entry of ``__inputs``, so importi
 Grafana's UI asks for a Prometheus data source and pre-selects it; a provisioned copy (file
 provider or the Helm chart's sidecar) leaves it unresolved and Grafana falls back to the
 default Prometheus data source. The cluster-label variables (``cluster_labels``: namespace,
-job, instance by default) default to All (``.*``), which also matches series without that
-label. Uids are derived from the file name, so links between the dashboards stay stable.
+job, instance and cluster by default) default to All (``.*``), which also matches series
+without that label. Uids are derived from the file name, so links between the dashboards stay
+stable.
 
 What it does not cover: alert rules (``rules.py``), Kubernetes manifests (``deploy/``).
 """

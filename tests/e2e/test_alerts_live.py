@@ -287,13 +287,17 @@ async def test_leak_alerts_arrive_before_pause_and_healthy_workers_stay_silent(
     )
 
 
-def _alert(name: str, severity: str, instance: str, worker: str | None = None) -> dict[str, Any]:
+def _alert(
+    name: str, severity: str, instance: str, worker: str | None = None, cluster: str = ""
+) -> dict[str, Any]:
     labels = {
         "alertname": name,
         "severity": severity,
         "job": "dask-memory-exporter",
         "instance": instance,
     }
+    if cluster:  # gateway mode: one exporter target, many clusters told apart by this label
+        labels["cluster"] = cluster
     if worker:
         labels |= {"worker": f"tcp://10.0.0.1:{worker}", "worker_name": worker}
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -312,7 +316,8 @@ async def _post_alerts(am: Alertmanager, alerts: list[dict[str, Any]]) -> None:
 
 @pytest.mark.timeout(60)
 async def test_alertmanager_example_routes_and_inhibits() -> None:
-    """Paused silences PausePredicted of the same worker only; SchedulerDown, its workers."""
+    """Paused silences PausePredicted of the same worker only; SchedulerDown, its workers (of
+    its cluster only, where one exporter serves many: gateway mode)."""
     async with webhook_receiver() as (hook, hook_url):
         with run_alertmanager(live_alertmanager_config(hook_url)) as am:
             await _post_alerts(
@@ -325,6 +330,10 @@ async def test_alertmanager_example_routes_and_inhibits() -> None:
                     _alert("DaskMemoryExporterSchedulerDown", "critical", "b:9787"),
                     _alert("DaskWorkerHeartbeatStale", "warning", "b:9787", "w4"),  # inhibited
                     _alert("DaskWorkerUnmanagedMemoryGrowing", "info", "a:9787", "w5"),
+                    # gateway mode: one cluster's scheduler down silences its workers only
+                    _alert("DaskMemoryExporterSchedulerDown", "critical", "g:9787", cluster="c1"),
+                    _alert("DaskWorkerHeartbeatStale", "warning", "g:9787", "w6", "c1"),  # inhib.
+                    _alert("DaskWorkerHeartbeatStale", "warning", "g:9787", "w7", "c2"),
                 ],
             )
             expected = {
@@ -333,6 +342,7 @@ async def test_alertmanager_example_routes_and_inhibits() -> None:
                 ("dask-pager", "DaskWorkerNearTermination", "w3"),
                 ("dask-pager", "DaskMemoryExporterSchedulerDown", None),
                 ("dask-tickets", "DaskWorkerUnmanagedMemoryGrowing", "w5"),
+                ("dask-chat", "DaskWorkerHeartbeatStale", "w7"),
             }
 
             def seen() -> set[tuple[str, str, str | None]]:

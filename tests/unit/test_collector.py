@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dask_memory_exporter import names as n
 from dask_memory_exporter.collector import Exposition
+from dask_memory_exporter.gateway import GATEWAY_CLUSTERS, GATEWAY_UP
 from dask_memory_exporter.memory import MemoryBreakdown, WorkerReading
 from dask_memory_exporter.names import worker_gauge
 from dask_memory_exporter.scheduler import WorkerInfo, decode_identity
@@ -303,3 +305,60 @@ def test_direct_writer_equals_prometheus_client(openmetrics: bool) -> None:
     # Not vacuous: the plug-in family and the local-only process are in both renderings.
     assert len(families[TASKS][2]) == 2
     assert len(families[n.WORKER_RSS_BYTES][2]) == 4
+
+
+# --- gateway mode: one Snapshot per cluster, labelled cluster --------------------------------
+def gateway_snapshot() -> Snapshot:
+    """The gateway's own status, with two clusters' Snapshots (one down, with no workers)."""
+    down = snapshot(up=False)
+    return Snapshot(
+        time=1002.5,
+        thresholds=THRESHOLDS,
+        has_scheduler=False,
+        polled=True,
+        sources=(SourceStatus("gateway", True, 0.01, (("auth", 2), ("timeout", 0))),),
+        source_gauges={GATEWAY_UP: 1, GATEWAY_CLUSTERS: 2},
+        poll_duration=0.02,
+        last_success=1001.0,
+        polls_total=7,
+        clusters={
+            'alice"s': snapshot(worker("a", 1000 * MiB, tasks=4), worker("bb", None, k=1)),
+            "bob": replace(down, polls_total=3),
+        },
+    )
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_gateway_mode_labels_every_cluster_series_and_writers_agree(openmetrics: bool) -> None:
+    snap = gateway_snapshot()
+    expo = Exposition.render(snap, process_metrics=False)
+    fast = (expo.openmetrics if openmetrics else expo.text).decode()
+    families = _families(fast, openmetrics)
+    assert families == _families(_reference(snap, openmetrics), openmetrics)
+    for name, (_, _, series) in families.items():
+        for _, labels, _ in series:
+            keys = dict(labels)
+            if name.startswith("dask_memory_worker_"):
+                assert keys[n.LABEL_CLUSTER] == 'alice"s', (name, labels)
+    text = expo.text.decode()
+    assert value(text, n.SCHEDULER_UP, cluster='alice"s') == 1
+    assert value(text, n.SCHEDULER_UP, cluster="bob") == 0
+    assert (n.SCHEDULER_UP, ()) not in samples(text)  # the gateway itself has no scheduler
+    assert value(text, n.EXPORTER_POLLS_TOTAL, cluster="bob") == 3
+    assert value(text, n.EXPORTER_POLLS_TOTAL) == 7
+    assert value(text, GATEWAY_CLUSTERS) == 2
+    assert value(text, n.EXPORTER_SOURCE_ERRORS_TOTAL, source="gateway", reason="auth") == 2
+    assert value(text, n.EXPORTER_SOURCE_SUCCESS, cluster="bob", source="scheduler") == 0
+    assert value(text, n.WORKER_PROCESS_BYTES, cluster='alice"s', worker="tcp://10.0.0.1:41000",
+                 worker_name="a") == 300 * MiB  # fmt: skip
+    assert len(families[n.WORKER_THRESHOLD_RATIO][2]) == 4  # bb has no limit
+
+
+def test_gateway_mode_passes_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by ./dev test (Debian package prometheus)"
+    expo = Exposition.render(gateway_snapshot())
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=expo.text, capture_output=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()

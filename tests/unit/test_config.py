@@ -43,6 +43,12 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "http_max_connections": ("64", 64),
     "http_idle_timeout": ("2s", 2.0),
     "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
+    "gateway": ("http://gateway.example:8000/", "http://gateway.example:8000"),
+    "gateway_proxy_address": ("gateway://proxy:8786", "gateway://proxy:8786"),
+    "gateway_auth": ("basic", "basic"),
+    "gateway_user": ("monitor", "monitor"),
+    "gateway_api_token_file": ("/secrets/token", "/secrets/token"),
+    "gateway_list_interval": ("30s", 30.0),
     "remediate": ("trim,gc", ("gc", "trim")),
     "remediate_token_file": ("/etc/token", "/etc/token"),
     "remediate_interval": ("15m", 900.0),
@@ -153,6 +159,8 @@ def test_every_field_is_an_option_and_a_variable(
     assert set(SAMPLES) == set(Settings.model_fields), "add a sample for each new field"
     raw, expected = SAMPLES[name]
     base = {} if name == "scheduler" else {"DASK_SCHEDULER_ADDRESS": SCHEDULER}
+    if name == "gateway":  # which needs a readable credential file (any non-empty file)
+        base = {ENV_PREFIX + "GATEWAY_API_TOKEN_FILE": __file__}
     if name == "remediate":  # which needs its token
         base[ENV_PREFIX + "REMEDIATE_TOKEN_FILE"] = "/etc/token"
     for var, value in base.items():
@@ -297,3 +305,54 @@ def test_cli_exit_2_without_traceback(argv: list[str], env: dict[str, str]) -> N
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("dask-memory-exporter ")
+
+
+def test_gateway_takes_the_place_of_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    # DASK_SCHEDULER_ADDRESS (a Dask container's) does not apply to a gateway exporter.
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", SCHEDULER)
+    s = serve_settings(
+        "--gateway", "https://gw.example/prefix/", "--gateway-api-token-file", str(token)
+    )
+    assert (s.gateway, s.scheduler, s.gateway_auth) == (
+        "https://gw.example/prefix",
+        None,
+        "jupyterhub",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gateway", "gw.example:8000"], "--gateway: expected http(s)://HOST[:PORT][/PREFIX]"),
+        (["--gateway", "http://:8000"], "--gateway: expected http(s)://HOST"),
+        (["--gateway", "http://gw:port"], "--gateway: bad port"),
+        (["--gateway", "http://gw"], "--gateway-api-token-file is required with --gateway"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "/nonexistent/token"],
+         "--gateway-api-token-file /nonexistent/token: cannot read: No such file or directory"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "EMPTY"], "the file is empty"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--scheduler", SCHEDULER],
+         "--gateway and --scheduler exclude each other"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--mode", "local"],
+         "--gateway works only with --mode scheduler"),
+        (["--gateway-proxy-address", "nowhere"], "--gateway-proxy-address: expected HOST:PORT"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--remediate", "gc",
+          "--remediate-token-file", "TOKEN"], "--remediate works with --scheduler only"),
+        (["--gateway", "http://gw", "--gateway-api-token-file", "TOKEN", "--gateway-auth", "x"],
+         "--gateway-auth"),
+    ],
+)  # fmt: skip
+def test_bad_gateway_options_are_one_line_and_exit_2(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "EMPTY").write_text("\n")
+    (tmp_path / "TOKEN").write_text("abc")
+    argv = [str(tmp_path / a) if a in ("EMPTY", "TOKEN") else a for a in argv]
+    message = message.replace("TOKEN", str(tmp_path / "TOKEN"))
+    proc = run_cli("serve", "--listen", "127.0.0.1:0", *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr, proc.stderr
