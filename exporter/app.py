@@ -32,6 +32,7 @@ from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
 from .picture import render_snapshot
+from .probe import EventLoopProbe, SidecarSource
 from .process import LocalProcessSource, use_proc_root
 from .remediate import REMEDIATOR, WEBHOOK_PATH, Remediator, install
 from .runbooks import PATH as RUNBOOKS_PATH
@@ -68,12 +69,13 @@ class ExporterState:
         sources: Sequence[Source] | None = None,
     ) -> None:
         self.settings = settings
+        self._keep = settings.metric_filter()
         self.collectors = tuple(collectors)
         self.sources = None if sources is None else tuple(sources)
         self._latest = Snapshot(
             time=time.time(),
             thresholds=settings.thresholds,
-            has_scheduler=settings.scheduler is not None,
+            has_scheduler=settings.scheduler is not None and settings.mode != "local",
         )
         self._render_lock = asyncio.Lock()
         self.exposition = self._render(self._latest)
@@ -81,7 +83,11 @@ class ExporterState:
 
     def _render(self, snapshot: Snapshot) -> Exposition:
         return Exposition.render(
-            snapshot, process_metrics=self.settings.process_metrics, collectors=self.collectors
+            snapshot,
+            process_metrics=self.settings.process_metrics,
+            collectors=self.collectors,
+            keep=self._keep,
+            totals_only=self.settings.cluster_totals_only,
         )
 
     async def publish(self, snapshot: Snapshot) -> None:
@@ -111,19 +117,26 @@ def make_sources(settings: Settings) -> list[Source]:
     """The sources these settings ask for.
 
     Mode ``scheduler``: the scheduler only. ``local``: the worker processes beside the
-    exporter, joined with the scheduler's data when an address is given. ``both``: every
-    worker the scheduler knows, with direct RSS for the local ones. (With a gateway, the
-    sources come and go with its clusters: ``make_gateway_poller``.)
+    exporter and the event-loop probe, with no scheduler call (a scheduler address only
+    picks out its own ``dask worker`` processes). ``both``: every worker the scheduler
+    knows, with direct RSS for the local ones. (With a gateway, the sources come and go
+    with its clusters: ``make_gateway_poller``.)
     """
     sources: list[Source] = []
-    if settings.scheduler:
+    if settings.scheduler and settings.mode != "local":
+        # A worker sidecar (mode local) never calls the scheduler: N sidecars would cost it
+        # N whole-cluster answers per heartbeat (docs/sidecar.md, "Scaling").
         sources.append(SchedulerSource(settings.scheduler, settings.security(), settings.timeout))
     if settings.mode != "scheduler":
         use_proc_root(settings.proc_root)  # psutil reads one procfs for the whole process
         gpu = NvmlReader.open() if settings.nvml else None
-        sources.append(
-            LocalProcessSource(settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu)
+        local = LocalProcessSource(
+            settings.proc_root, scheduler_address=settings.scheduler, gpu=gpu
         )
+        probe = None
+        if settings.worker_probe_url:
+            probe = EventLoopProbe(settings.worker_probe_url, settings.timeout)
+        sources.append(SidecarSource(local, probe))
     return sources
 
 
@@ -346,13 +359,22 @@ async def landing(request: web.Request) -> web.Response:
         "unmanaged recent MiB", "spilled MiB", "limit MiB", "of limit", "heartbeat age s",
         *(["RSS from the OS MiB"] if with_rss else []), *(_column(m) for m in extra),
     ]  # fmt: skip
+    local_extra = [m for m in snap.families if any(m in p.values for p in snap.local_only)]
     local_rows = "".join(
-        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td></tr>"
+        f"<tr><td>{esc(p.name)}</td><td>{p.pid}</td><td>{_mib(p.rss)}</td>"
+        + "".join(f"<td>{_cell(m, p.values.get(m))}</td>" for m in local_extra)
+        + "</tr>"
         for p in sorted(snap.local_only, key=lambda p: p.name)
     )
+    local_heads = "".join(f"<th>{esc(_column(m))}</th>" for m in local_extra)
+    local_title = (
+        "Worker processes the scheduler has not reported"
+        if snap.has_scheduler
+        else "Worker processes beside the exporter"
+    )
     local_table = (
-        "<h2>Worker processes the scheduler has not reported</h2>\n"
-        "<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th></tr>"
+        f"<h2>{local_title}</h2>\n"
+        f"<table><tr><th>name</th><th>pid</th><th>RSS from the OS MiB</th>{local_heads}</tr>"
         f"{local_rows}</table>"
         if local_rows
         else ""

@@ -34,6 +34,7 @@ __all__ = [
     "CORE_GAUGES",
     "Exposition",
     "SnapshotCollector",
+    "cluster_totals",
     "package_version",
     "worker_gauges",
     "write_worker_families",
@@ -101,7 +102,9 @@ CORE_GAUGES: tuple[WorkerGauge, ...] = (
 
 
 def _plugin_gauge(metric: Metric) -> WorkerGauge:
-    return WorkerGauge(metric, lambda w, s: w.values.get(metric))
+    return WorkerGauge(
+        metric, lambda w, s: w.values.get(metric), local_only=lambda p: p.values.get(metric)
+    )
 
 
 def worker_gauges(snapshot: Snapshot) -> tuple[WorkerGauge, ...]:
@@ -118,18 +121,33 @@ class SnapshotCollector(Collector):
     workers), and a unit test checks that both parse to the same samples.
     """
 
-    def __init__(self, snapshot: Snapshot, *, workers: bool = True) -> None:
+    def __init__(self, snapshot: Snapshot, *, workers: bool = True, totals: bool = False) -> None:
+        """``workers``: the per-worker families; ``totals``: the cluster totals instead."""
         self.snapshot = snapshot
         self.workers = workers
+        self.totals = totals
 
     def describe(self) -> list[PromMetric]:
         # Registering must not trigger a collect (prometheus_client calls describe()).
         return []
 
     def collect(self) -> Iterator[PromMetric]:
-        if self.workers:
+        if self.totals:
+            yield from self._total_families()
+        elif self.workers:
             yield from self._worker_families()
         yield from self._self_families()
+
+    def _total_families(self) -> Iterator[PromMetric]:
+        """The cluster totals; in gateway mode one sample per cluster, labelled ``cluster``."""
+        values: dict[Metric, list[tuple[dict[str, str], float]]] = {}
+        for name, part in cluster_parts(self.snapshot):
+            labels = {n.LABEL_CLUSTER: name} if name else {}
+            for metric, value in cluster_totals(part).items():
+                values.setdefault(metric, []).append((labels, value))
+        for metric in n.CLUSTER_FAMILIES:
+            if metric in values:
+                yield _family(metric, values[metric])
 
     def _worker_families(self) -> Iterator[PromMetric]:
         parts = cluster_parts(self.snapshot)
@@ -217,6 +235,49 @@ class SnapshotCollector(Collector):
         )
 
 
+def cluster_totals(snapshot: Snapshot) -> dict[Metric, float]:
+    """The cluster totals of ``--cluster-totals-only``; the maxima only with workers to judge."""
+    ws = snapshot.workers
+    out: dict[Metric, float] = {
+        n.CLUSTER_PROCESS_BYTES: sum(w.memory.process for w in ws),
+        n.CLUSTER_MANAGED_BYTES: sum(w.memory.managed for w in ws),
+        n.CLUSTER_UNMANAGED_BYTES: sum(w.memory.unmanaged_old for w in ws),
+        n.CLUSTER_UNMANAGED_RECENT_BYTES: sum(w.memory.unmanaged_recent for w in ws),
+        n.CLUSTER_SPILLED_BYTES: sum(w.memory.spilled for w in ws),
+        n.CLUSTER_LIMIT_BYTES: sum(w.info.memory_limit or 0 for w in ws),
+        n.CLUSTER_PAUSED_WORKERS: sum(w.info.status == "paused" for w in ws),
+    }
+    ratios = [w.memory.process / w.info.memory_limit for w in ws if w.info.memory_limit]
+    if ratios:
+        out[n.CLUSTER_MAX_PROCESS_LIMIT_RATIO] = max(ratios)
+    if ws:
+        ages = (snapshot.time - w.info.last_seen for w in ws)
+        out[n.CLUSTER_MAX_HEARTBEAT_AGE_SECONDS] = max(0.0, *ages)
+    return out
+
+
+class _Filtered(Collector):
+    """Another collector's families, those a metric filter keeps (allow and deny lists)."""
+
+    def __init__(self, inner: Collector, keep: Callable[[str], bool]) -> None:
+        self.inner = inner
+        self.keep = keep
+
+    def describe(self) -> list[PromMetric]:
+        return []
+
+    def collect(self) -> Iterator[PromMetric]:
+        for fam in self.inner.collect():
+            # The name as exposed: prometheus_client drops the _total / _info suffix.
+            suffix = {"counter": "_total", "info": "_info"}.get(fam.type, "")
+            if self.keep(fam.name + suffix):
+                yield fam
+
+
+def _gauge(metric: Metric, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(metric, metric.help, value=value)
+
+
 def cluster_parts(snapshot: Snapshot) -> list[tuple[str, Snapshot]]:
     """(cluster name, Snapshot) of each cluster in gateway mode, else ``[("", snapshot)]``."""
     if snapshot.clusters:
@@ -254,12 +315,13 @@ def _number(v: float) -> str:
     return repr(v)
 
 
-def write_worker_families(snapshot: Snapshot) -> str:
+def write_worker_families(snapshot: Snapshot, keep: Callable[[str], bool] | None = None) -> str:
     """The per-worker families as exposition text, valid in both formats.
 
     Gauges with labels look the same in the Prometheus text format and in OpenMetrics; the
     label set of each worker is escaped once and reused for all its series. In gateway mode
-    each cluster's workers come in turn, their label sets starting with ``cluster``.
+    each cluster's workers come in turn, their label sets starting with ``cluster``. ``keep``:
+    the metric filter (families it rejects are not written at all).
     """
     parts = cluster_parts(snapshot)
     clustered = bool(snapshot.clusters)
@@ -278,6 +340,8 @@ def write_worker_families(snapshot: Snapshot) -> str:
     out: list[str] = []
     for g in _all_gauges(parts):
         name = g.metric.name
+        if keep is not None and not keep(name):
+            continue
         lines: list[str] = []
         for pre, snap, labelsets, thresholds in rendered:
             for w, labels in zip(snap.workers, labelsets, strict=True):
@@ -318,17 +382,26 @@ class Exposition:
         snapshot: Snapshot,
         *,
         process_metrics: bool = True,
+        keep: Callable[[str], bool] | None = None,
+        totals_only: bool = False,
         collectors: Sequence[Collector] = (),
     ) -> Exposition:
         """Render a Snapshot, and ``collectors`` beside it (CPU-bound: the caller runs it off
-        the event loop)."""
+        the event loop).
+
+        ``keep``: the metric filter of the allow or deny list (None: every family);
+        ``totals_only``: cluster totals instead of the per-worker families.
+        """
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(snapshot, workers=False))
-        for collector in collectors:
-            registry.register(collector)
+        rendered: list[Collector] = [
+            SnapshotCollector(snapshot, workers=False, totals=totals_only),
+            *collectors,
+        ]
         if process_metrics:
-            ProcessCollector(registry=registry)
-        workers = write_worker_families(snapshot).encode()
+            rendered.append(ProcessCollector(registry=None))
+        for c in rendered:
+            registry.register(c if keep is None else _Filtered(c, keep))
+        workers = b"" if totals_only else write_worker_families(snapshot, keep).encode()
         text = workers + generate_latest(registry)
         om = workers + generate_openmetrics(registry)
         return cls(

@@ -239,6 +239,27 @@ class Settings(BaseSettings):
         description="time a connection may stay open without a complete request (idle, "
         "half-sent or slow headers) before it is closed",
     )
+    worker_probe_url: str | None = Field(
+        default=None,
+        description="local mode: an HTTP URL served by the worker's own event loop, e.g. "
+        "http://127.0.0.1:8788/health (its dashboard); the sidecar exports the answer's "
+        "latency, which climbs while the loop is blocked",
+    )
+    metric_allowlist: str = Field(
+        default="",
+        description="comma-separated regular expressions (full match): export only the "
+        "metric families they match, as kube-state-metrics' --metric-allowlist",
+    )
+    metric_denylist: str = Field(
+        default="",
+        description="comma-separated regular expressions (full match): export none of the "
+        "metric families they match; not together with --metric-allowlist",
+    )
+    cluster_totals_only: bool = Field(
+        default=False,
+        description="export cluster totals (dask_memory_cluster_*) instead of per-worker "
+        "series: a constant number of series whatever the cluster's size",
+    )
     web_config_file: str | None = Field(
         default=None,
         description="exporter-toolkit web configuration file (TLS, basic auth), the format "
@@ -326,6 +347,25 @@ class Settings(BaseSettings):
             raise ValueError(f"unparsable scheduler address {v!r}: expected {scheme}://HOST:PORT")
         return v
 
+    @field_validator("worker_probe_url")
+    @classmethod
+    def _check_probe_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
+    @field_validator("metric_allowlist", "metric_denylist")
+    @classmethod
+    def _check_patterns(cls, v: str) -> str:
+        for pattern in _patterns(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+        return v
+
     @field_validator("gateway")
     @classmethod
     def _check_gateway(cls, v: str | None) -> str | None:
@@ -366,11 +406,23 @@ class Settings(BaseSettings):
                 "no scheduler address: pass --scheduler (or --gateway) or set "
                 "DASK_SCHEDULER_ADDRESS"
             )
+        if self.metric_allowlist and self.metric_denylist:
+            raise ValueError("--metric-allowlist and --metric-denylist exclude each other")
         if self.remediate and not self.remediate_token_file:
             raise ValueError("--remediate needs --remediate-token-file (the webhook's token)")
         if self.remediate and not self.scheduler:
             raise ValueError("--remediate needs a scheduler address: it acts through the scheduler")
         return self
+
+    def metric_filter(self) -> Callable[[str], bool] | None:
+        """Whether a metric family (its exposed name) is exported; None: all are."""
+        allow = [re.compile(p) for p in _patterns(self.metric_allowlist)]
+        deny = [re.compile(p) for p in _patterns(self.metric_denylist)]
+        if allow:
+            return lambda name: any(p.fullmatch(name) for p in allow)
+        if deny:
+            return lambda name: not any(p.fullmatch(name) for p in deny)
+        return None
 
     @property
     def listen_host(self) -> str:
@@ -398,6 +450,10 @@ class Settings(BaseSettings):
                 require_encryption=True,
             )
         return Security()
+
+
+def _patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def read_secret_file(path: str | None, option: str) -> str:

@@ -22,6 +22,11 @@ class MixinConfig:
     which the gateway mode puts on every series (one target, many clusters). A series without
     a label has it empty, so the same rules serve both kinds of exporter."""
 
+    worker_join_labels: tuple[str, ...] = ("namespace", "job")
+    """Target labels that, with ``worker_name``, identify one worker across a cluster's
+    exporters: the scheduler-mode exporter's breakdown and each worker sidecar's direct RSS
+    and event-loop probe (cluster_labels without the target's own ``instance``)."""
+
     runbook_url_base: str = "http://{{ $labels.instance }}/runbooks"
     """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``. By default the
     runbooks the exporter that raised the alert serves at /runbooks (docs/runbooks.md, of the
@@ -49,6 +54,11 @@ class MixinConfig:
 
     alert_extra_labels: tuple[str, ...] = ()
     """Extra ``key=value`` labels put on every alert (e.g. ``team=data``)."""
+
+    blocked_above_pause_probe_seconds: float = 5.0
+    """DaskWorkerBlockedAbovePause: the sidecar's event-loop probe has waited this long."""
+    blocked_above_pause_for: str = "30s"
+    blocked_above_pause_severity: str = "critical"
 
     no_data_to_spill_for: str = "1m"
     """``for:`` of DaskWorkerMemoryHighNoDataToSpill (filters short task-heap peaks)."""
@@ -128,6 +138,11 @@ class MixinConfig:
         """Braced PromQL selector: the exporter selector plus extra matchers."""
         parts = [p for p in (self.exporter_selector, *extra) if p]
         return "{" + ", ".join(parts) + "}"
+
+    @property
+    def worker_by(self) -> str:
+        """Grouping labels joining one worker's series across exporters, ``worker_name`` last."""
+        return ", ".join((*self.worker_join_labels, "worker_name"))
 
     @property
     def cluster_by(self) -> str:

@@ -162,6 +162,13 @@ WORKER_HEARTBEAT_PROCESS_BYTES: Final = worker_gauge(
     "(sidecar modes): the two part while the worker's event loop is blocked.",
     unit="bytes",
 )
+WORKER_EVENT_LOOP_PROBE_SECONDS: Final = worker_gauge(
+    "dask_memory_worker_event_loop_probe_seconds",
+    "Seconds the worker's event loop took to answer the sidecar's probe of its own HTTP "
+    "endpoint, or, while unanswered, has kept it waiting so far: climbs while the loop is "
+    "blocked (mode local with --worker-probe-url).",
+    unit="seconds",
+)
 
 WORKER_FAMILIES: Final = (
     WORKER_PROCESS_BYTES,
@@ -179,6 +186,69 @@ SIDECAR_WORKER_FAMILIES: Final = (WORKER_RSS_BYTES, WORKER_HEARTBEAT_PROCESS_BYT
 """The families of workers whose RSS a sidecar reads from the OS (modes local and both)."""
 CORE_WORKER_FAMILIES: Final = (*WORKER_FAMILIES, *SIDECAR_WORKER_FAMILIES)
 """The memory breakdown's per-worker families, in exposition order."""
+
+
+# --- cluster totals (--cluster-totals-only: instead of the per-worker families) ------------
+def cluster_gauge(name: str, help: str, *, unit: str = "") -> Metric:
+    """An unlabelled cluster total, exported instead of the per-worker families."""
+    return Metric(name, "gauge", help, unit=unit)
+
+
+CLUSTER_PROCESS_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_process_bytes",
+    "Process memory of all workers in bytes (sum of dask_memory_worker_process_bytes).",
+    unit="bytes",
+)
+CLUSTER_MANAGED_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_managed_bytes",
+    "Managed memory in RAM of all workers in bytes.",
+    unit="bytes",
+)
+CLUSTER_UNMANAGED_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_unmanaged_bytes",
+    "Unmanaged (old) memory of all workers in bytes.",
+    unit="bytes",
+)
+CLUSTER_UNMANAGED_RECENT_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_unmanaged_recent_bytes",
+    "Unmanaged recent memory of all workers in bytes.",
+    unit="bytes",
+)
+CLUSTER_SPILLED_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_spilled_bytes",
+    "Managed data spilled to disk by all workers, in bytes on disk.",
+    unit="bytes",
+)
+CLUSTER_LIMIT_BYTES: Final = cluster_gauge(
+    "dask_memory_cluster_limit_bytes",
+    "Sum of the memory limits of the workers that have one, in bytes.",
+    unit="bytes",
+)
+CLUSTER_PAUSED_WORKERS: Final = cluster_gauge(
+    "dask_memory_cluster_paused_workers", "Workers paused at their last heartbeat."
+)
+CLUSTER_MAX_PROCESS_LIMIT_RATIO: Final = cluster_gauge(
+    "dask_memory_cluster_max_process_limit_ratio",
+    "The highest process memory / memory limit of any worker with a limit.",
+    unit="ratio",
+)
+CLUSTER_MAX_HEARTBEAT_AGE_SECONDS: Final = cluster_gauge(
+    "dask_memory_cluster_max_heartbeat_age_seconds",
+    "The oldest heartbeat of any worker, in seconds: climbs while some worker is blocked.",
+    unit="seconds",
+)
+CLUSTER_FAMILIES: Final = (
+    CLUSTER_PROCESS_BYTES,
+    CLUSTER_MANAGED_BYTES,
+    CLUSTER_UNMANAGED_BYTES,
+    CLUSTER_UNMANAGED_RECENT_BYTES,
+    CLUSTER_SPILLED_BYTES,
+    CLUSTER_LIMIT_BYTES,
+    CLUSTER_PAUSED_WORKERS,
+    CLUSTER_MAX_PROCESS_LIMIT_RATIO,
+    CLUSTER_MAX_HEARTBEAT_AGE_SECONDS,
+)
+"""What --cluster-totals-only exports in place of every per-worker family."""
 
 # --- exporter self-metrics -------------------------------------------------------------
 SCHEDULER_UP: Final = Metric(

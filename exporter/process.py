@@ -392,7 +392,16 @@ class LocalProcessSource:
             for a, p in reading.matched.items()
             if p.pid in device
         }
-        return dataclasses.replace(result, values=values)
+        # Processes the scheduler has not reported (all of them in mode local) too, by pid.
+        local_only = tuple(
+            dataclasses.replace(
+                p, values={**p.values, WORKER_GPU_PROCESS_MEMORY_BYTES: float(device[p.pid])}
+            )
+            if p.pid in device
+            else p
+            for p in result.local_only
+        )
+        return dataclasses.replace(result, values=values, local_only=local_only)
 
     async def close(self) -> None:
         """Nothing to release: each read opens and closes its own /proc files (NVML stays

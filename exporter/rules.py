@@ -34,6 +34,8 @@ __all__ = [
     "RECORDING_FILE",
     "RECORDING_GROUP",
     "STILL_GROWING",
+    "WORKER_LIVE_LIMIT_RATIO",
+    "WORKER_PROBE_SECONDS",
     "WORKER_PROCESS_LIMIT_RATIO",
     "WORKER_THRESHOLD_BYTES",
     "add_runbook_links",
@@ -66,6 +68,11 @@ WORKER_PROCESS_LIMIT_RATIO = "dask_worker:dask_memory_worker_process_bytes:ratio
 WORKER_THRESHOLD_BYTES = "dask_worker:dask_memory_worker_threshold_bytes"
 """Each memory-manager threshold in bytes (limit x ratio), label ``threshold`` kept: the
 threshold lines over the dashboards' stacked memory graphs."""
+WORKER_LIVE_LIMIT_RATIO = "dask_worker:dask_memory_worker_rss_bytes:ratio"
+"""A worker sidecar's direct RSS over the worker's memory limit from the scheduler-mode
+exporter, joined by ``worker_name``: live while the worker's event loop is blocked."""
+WORKER_PROBE_SECONDS = "dask_worker:dask_memory_worker_event_loop_probe_seconds:max"
+"""A worker sidecar's event-loop probe, by ``worker_name`` (the join key of the above)."""
 
 _SUMMED = (
     n.WORKER_MANAGED_BYTES,
@@ -179,6 +186,25 @@ def recording_rules(config: MixinConfig) -> list[dict[str, Any]]:
                 f"{q.limit} * {q.on_threshold} group_right "
                 f"{n.WORKER_THRESHOLD_RATIO}{config.selector()}"
             ),
+        },
+    ]
+    # A worker sidecar (mode local) exports direct RSS and its event-loop probe under its own
+    # instance, with worker="" and worker_name: joined with the breakdown by worker_name.
+    wby = config.worker_by
+    rules += [
+        {
+            "record": WORKER_LIVE_LIMIT_RATIO,
+            "expr": _expr(
+                f"""
+                max by ({wby}) ({n.WORKER_RSS_BYTES}{sel})
+                  / on({wby})
+                max by ({wby}) ({q.limit})
+                """
+            ),
+        },
+        {
+            "record": WORKER_PROBE_SECONDS,
+            "expr": f"max by ({wby}) ({n.WORKER_EVENT_LOOP_PROBE_SECONDS}{sel})",
         },
     ]
     return rules
@@ -348,6 +374,29 @@ def alert_rules(config: MixinConfig) -> list[dict[str, Any]]:
             f"{{{{ $value | humanizePercentage }}}} of the memory limit within "
             f"{c.unmanaged_growing_horizon}, past the target threshold. A leak, or memory the "
             "allocator does not return to the operating system.",
+            c,
+        ),
+        _alert(
+            "DaskWorkerBlockedAbovePause",
+            _expr(
+                f"""
+                (
+                  {WORKER_LIVE_LIMIT_RATIO}{c.selector()}
+                    > on({c.worker_by})
+                  max by ({c.worker_by}) ({q.ratio(n.THRESHOLD_PAUSE)})
+                )
+                and on({c.worker_by})
+                ({WORKER_PROBE_SECONDS}{c.selector()} > {_num(c.blocked_above_pause_probe_seconds)})
+                """
+            ),
+            c.blocked_above_pause_for,
+            c.blocked_above_pause_severity,
+            "Dask worker {{ $labels.worker_name }} is blocked above its pause threshold.",
+            "Worker {{ $labels.worker_name }}: its event loop has not answered its sidecar's "
+            f"probe for more than {_num(c.blocked_above_pause_probe_seconds)} s, and its RSS, "
+            "read by the sidecar, is {{ $value | humanizePercentage }} of its memory limit, "
+            "above the pause threshold. A blocked worker can neither pause nor spill: only the "
+            "nanny's kill at the terminate threshold stops it.",
             c,
         ),
         _alert(

@@ -67,6 +67,12 @@ def _line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _has_open_comm(r: rpc) -> bool:
+    """Whether the rpc still holds a connection that is not closed."""
+    comms: Mapping[Any, bool] | tuple[()] = r.comms
+    return any(not c.closed() for c in comms)
+
+
 class DecodeError(ValueError):
     """A worker entry lacks a field the exporter needs, or has one of the wrong type."""
 
@@ -186,6 +192,10 @@ class SchedulerSource:
         preflight reports those at once. (The scheduler logs one INFO line, "closed before
         handshake completed", per preflight: once per (re)connection, not per poll.)
         """
+        if self._rpc is not None and not _has_open_comm(self._rpc):
+            # The connection was lost between polls (a scheduler restart): distributed's rpc
+            # would reconnect on its own, retrying a refused address until the timeout.
+            await self.close()
         if self._rpc is None:
             await self._preflight()
             self._rpc = rpc(

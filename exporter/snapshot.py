@@ -330,11 +330,22 @@ class Poller:
         return task is not None and task.done()
 
     async def run(self) -> None:
-        """Poll until cancelled."""
+        """Poll until cancelled. An error outside the sources (each source's own failures are
+        caught and counted by its runner) is logged and the next poll runs as usual: the
+        poller task never dies while the HTTP server keeps serving a frozen exposition."""
+        failed = False
         try:
             while True:
                 started = time.monotonic()
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except Exception:  # a bug past the sources (model, render): keep polling
+                    # Logged once per run of failures: never a traceback every heartbeat.
+                    if not failed:
+                        logger.exception("poll failed; the last exposition stays served")
+                    failed = True
+                else:
+                    failed = False
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(max(0.0, self.next_delay() - elapsed))
         finally:

@@ -69,13 +69,15 @@ class LocalOnlyProcess:
     Not yet (it is starting), or not at all (the scheduler is unreachable, or several workers
     of one nanny cannot be told apart). Only its RSS is known: it is exported as
     ``dask_memory_worker_rss_bytes`` with an empty ``worker`` label and ``name`` as
-    ``worker_name``, and as nothing else.
+    ``worker_name``, with the sidecar's own families (``values``), and as nothing else.
     """
 
     name: str
     """``--name`` from the nanny's command line, or ``pid:<pid>``."""
     pid: int
     rss: int
+    values: Mapping[Metric, float] = field(default_factory=dict)
+    """Values of a sidecar source's own per-worker families (the event-loop probe)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -376,10 +376,14 @@ def test_scheduler_sidecars_poll_over_loopback() -> None:
 def test_worker_sidecar_sees_the_worker_processes() -> None:
     objs = _objects("worker-sidecar")
     exporters = _exporters(objs)
-    assert [owner for owner, *_ in exporters] == ["dask-worker"]
-    _owner, _meta, spec, c = exporters[0]
+    # Worker sidecars beside the scheduler sidecar, which supplies the breakdown they join.
+    assert sorted(owner for owner, *_ in exporters) == ["dask-scheduler", "dask-worker"]
+    (_owner, _meta, spec, c) = next(e for e in exporters if e[0] == "dask-worker")
     assert spec["shareProcessNamespace"] is True
     assert _env(c)["DASK_MEMORY_EXPORTER_MODE"] == "local"
+    assert _env(c)["DASK_MEMORY_EXPORTER_WORKER_PROBE_URL"] == "http://127.0.0.1:8788/health"
+    (sched,) = [e for e in exporters if e[0] == "dask-scheduler"]
+    assert _env(sched[3])["DASK_MEMORY_EXPORTER_MODE"] == "scheduler"
     # The scheduler address comes from the generated ConfigMap, through envFrom.
     (cm_ref,) = [e["configMapRef"]["name"] for e in c["envFrom"]]
     (cm,) = [o for o in _find(objs, "ConfigMap") if o["metadata"]["name"] == cm_ref]

@@ -131,12 +131,12 @@ async def test_gil_stall_rss_stays_live(local_cluster: Cluster) -> None:
 
 
 async def test_two_workers_matched_to_their_own_processes(local_cluster: Cluster) -> None:
-    """Mode local: each worker's RSS is its own process's (one of them made 150 MiB bigger)."""
+    """Mode both: each worker's RSS is its own process's (one of them made 150 MiB bigger)."""
     c = local_cluster
     addr_a = next(a for a, ws in c.scheduler.workers.items() if ws.name == "a")
     await c.client.run(leak_step, 150 * MiB, LIMIT, workers=[addr_a])
     pids = await c.pids()
-    async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="local") as ex:
+    async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="both") as ex:
         s = await ex.wait_for(
             lambda s: set(by_worker(s, n.WORKER_RSS_BYTES)) == set(pids), what="both matched"
         )
@@ -182,7 +182,7 @@ async def test_vanished_process_is_skipped(
 async def test_nanny_restart_is_rematched(local_cluster: Cluster) -> None:
     """The nanny restarts a killed worker under a new pid and address: matched afresh."""
     c = local_cluster
-    async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="local") as ex:
+    async with serve_exporter(scheduler=c.cluster.scheduler_address, mode="both") as ex:
         await ex.wait_for(lambda s: len(by_worker(s, n.WORKER_RSS_BYTES)) == 2, what="two")
         pids = await c.pids()
         addr_b = next(a for a, ws in c.scheduler.workers.items() if ws.name == "b")
@@ -273,7 +273,7 @@ async def test_cmdline_matching_and_scheduler_down(
     """
     _no_sockets(monkeypatch)
     async with serve_exporter(
-        scheduler=cli_cluster.address, mode="local", max_backoff=1.0, timeout=2.0
+        scheduler=cli_cluster.address, mode="both", max_backoff=1.0, timeout=2.0
     ) as ex:
         s = await ex.wait_for(
             lambda s: len([w for w, _ in by_labels(s, n.WORKER_RSS_BYTES) if w]) == 2,
@@ -299,9 +299,10 @@ async def test_cmdline_matching_and_scheduler_down(
         assert set(by_labels(s, n.WORKER_RSS_BYTES)) == set(rss)
         assert source_success(s, n.SOURCE_LOCAL) == 1
         assert source_success(s, n.SOURCE_SCHEDULER) == 0
-        assert (await ex.get("/readyz"))[0] == 200  # mode local: ready on the local source
+        assert (await ex.get("/readyz"))[0] == 503  # mode both: ready follows the scheduler
 
-    # A fresh exporter that never reached the scheduler: RSS only, named from the command line.
+    # A worker sidecar (mode local) never calls the scheduler, hung or not: RSS only, named
+    # from the command line, ready on the local source, no scheduler series at all.
     async with serve_exporter(
         scheduler=cli_cluster.address, mode="local", max_backoff=1.0, timeout=2.0
     ) as ex:
@@ -312,7 +313,9 @@ async def test_cmdline_matching_and_scheduler_down(
         assert {w for w, _ in rss} == {""}
         names = {name for _, name in rss}
         assert "named" in names and any(name.startswith("pid:") for name in names)
-        assert scalar(s, n.SCHEDULER_UP) == 0
+        assert scalar(s, n.SCHEDULER_UP) is None
+        assert source_success(s, n.SOURCE_SCHEDULER) is None
+        assert (await ex.get("/readyz"))[0] == 200
 
 
 async def test_permission_denied_warns_once_and_falls_back(
@@ -354,3 +357,91 @@ async def test_permission_denied_warns_once_and_falls_back(
     assert [r.ok for r in readings] == [False] * 3
     warnings = [r for r in caplog.records if r.levelno >= 30]
     assert len(warnings) == 1 and "/nonexistent/proc" in warnings[0].getMessage()
+
+
+# --- mode local: no scheduler call, the event-loop probe ------------------------------------
+async def test_worker_sidecar_never_calls_the_scheduler() -> None:
+    """A local-mode sidecar given a scheduler address opens no connection to it, poll after
+    poll: N sidecars cost the scheduler nothing (benchmarks/sidecar_cost.py measures it).
+
+    The "scheduler" is a plain TCP listener counting connections, so even the preflight
+    connect would show."""
+    accepted = 0
+
+    def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with serve_exporter(scheduler=f"tcp://127.0.0.1:{port}", mode="local") as ex:
+            await ex.wait_for(
+                lambda s: (scalar(s, n.EXPORTER_POLLS_TOTAL) or 0) >= 5, what="five polls"
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert accepted == 0
+
+
+@pytest.fixture(scope="module")
+def probed_worker() -> Iterator[tuple[str, str]]:
+    """A scheduler of its own with one `dask worker --name probed` serving its dashboard on a
+    known port: the one worker process a local sidecar of that scheduler finds."""
+    port, dash = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    # The worker imports the blocking task from benchmarks/ (pickled by reference).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "dask"), *args], env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            ("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
+            ("worker", address, "--name", "probed", "--nthreads", "1", "--host", "127.0.0.1",
+             "--dashboard-address", f"127.0.0.1:{dash}", "--death-timeout", "60"),
+        )
+    ]  # fmt: skip
+    try:
+        yield address, f"http://127.0.0.1:{dash}/health"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+async def test_probe_shows_a_blocked_event_loop_within_seconds(
+    probed_worker: tuple[str, str],
+) -> None:
+    """The sidecar's probe of the worker's /health answers in milliseconds, then climbs past
+    3 s while a task holds the GIL, with the RSS still exported under the worker's name."""
+    address, url = probed_worker
+    async with serve_exporter(scheduler=address, mode="local", worker_probe_url=url) as ex:
+        name = "dask_memory_worker_event_loop_probe_seconds"
+        s = await ex.wait_for(
+            lambda s: ("", "probed") in by_labels(s, name), timeout=60, what="a probe answer"
+        )
+        assert by_labels(s, name)[("", "probed")] < 1.0
+        assert ("", "probed") in by_labels(s, n.WORKER_RSS_BYTES)
+        _, _, page = await ex.get("/")
+        assert b"Worker processes beside the exporter" in page and b"event loop probe" in page
+        async with Client(address, asynchronous=True) as client:
+            fut = client.submit(hold_gil_and_grow, 10.0, 1 * MiB, pure=False)
+            started = time.monotonic()
+            s = await ex.wait_for(
+                lambda s: by_labels(s, name).get(("", "probed"), 0) > 3.0,
+                timeout=60,
+                what="the probe to show the blocked loop",
+            )
+            seen_after = time.monotonic() - started
+            await fut
+        s = await ex.wait_for(
+            lambda s: by_labels(s, name).get(("", "probed"), 99) < 1.0,
+            timeout=60,
+            what="the probe to recover",
+        )
+    print(f"probe above 3 s {seen_after:.1f} s after the task was submitted")

@@ -20,6 +20,8 @@ from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.rules import (
     CLUSTER_PAUSED_WORKERS,
     CLUSTER_WORKERS,
+    WORKER_LIVE_LIMIT_RATIO,
+    WORKER_PROBE_SECONDS,
     WORKER_PROCESS_LIMIT_RATIO,
     WORKER_THRESHOLD_BYTES,
     add_runbook_links,
@@ -46,6 +48,8 @@ PAUSED = "DaskWorkerPaused"
 NEAR_TERMINATION = "DaskWorkerNearTermination"
 GROWING = "DaskWorkerUnmanagedMemoryGrowing"
 STALE = "DaskWorkerHeartbeatStale"
+BLOCKED = "DaskWorkerBlockedAbovePause"
+SIDECAR = "sidecar-7:9787"
 SCHEDULER_DOWN = "DaskMemoryExporterSchedulerDown"
 EXPORTER_DOWN = "DaskMemoryExporterDown"
 GPU_HIGH = "DaskWorkerGPUMemoryHigh"
@@ -453,6 +457,41 @@ def alert_tests() -> list[dict[str, Any]]:
         }
     )
 
+    # A worker sidecar (another instance, worker="") sees the blocked worker's live RSS and its
+    # unanswered probe; the scheduler-mode exporter's figures are frozen at 500e6.
+    stuck = worker("stuck", 40010)
+    joined = {"worker_name": "stuck"}
+    tests.append(
+        {
+            "name": f"{BLOCKED} fires when a sidecar's RSS is above pause while its event-loop "
+            "probe waits more than 5 s, for 30s; not while the loop answers",
+            "interval": "30s",
+            "input_series": [
+                *series(
+                    stuck,
+                    process="500e6x15",
+                    managed="0x15",
+                    unmanaged="500e6x15",
+                    recent="0x15",
+                    paused="0x15",
+                    limit="1e9x15",
+                ),
+                # the recorded joins of the sidecar's series (tested in recording-test.yaml)
+                Inline(series=WORKER_LIVE_LIMIT_RATIO + selector(joined), values="0.5x2 0.85x12"),
+                Inline(series=WORKER_PROBE_SECONDS + selector(joined), values="0.01x4 30+30x10"),
+            ],
+            "alert_rule_test": [
+                check(BLOCKED, "2m"),  # above pause, but the loop still answers
+                check(BLOCKED, "2m30s"),  # blocked, not yet for 30s
+                check(
+                    BLOCKED,
+                    "3m",
+                    expect(BLOCKED, {"worker_name": "stuck"}, "85%"),
+                ),
+            ],
+        }
+    )
+
     target = {"instance": INSTANCE}
     other_up = Inline(series='up{job="other", instance="other:9100"}', values="0x24")
     tests.append(
@@ -582,6 +621,17 @@ def recording_tests() -> list[dict[str, Any]]:
                     paused="0x10",
                     spilled="0x10",
                 ),
+                # worker a's sidecar: joined with the breakdown by worker_name
+                Inline(
+                    series=n.WORKER_RSS_BYTES
+                    + selector({"instance": SIDECAR, "worker": "", "worker_name": "a"}),
+                    values="700e6x10",
+                ),
+                Inline(
+                    series=n.WORKER_EVENT_LOOP_PROBE_SECONDS
+                    + selector({"instance": SIDECAR, "worker": "", "worker_name": "a"}),
+                    values="0.02x10",
+                ),
             ],
             "promql_expr_test": [
                 # at 5m: a 600e6, b 205e6, nolimit 400e6
@@ -598,6 +648,20 @@ def recording_tests() -> list[dict[str, Any]]:
                     "exp_samples": [
                         sample(WORKER_PROCESS_LIMIT_RATIO, of(a), 0.6),
                         sample(WORKER_PROCESS_LIMIT_RATIO, of(b), 0.41),
+                    ],
+                },
+                {
+                    "expr": WORKER_LIVE_LIMIT_RATIO,
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        sample(WORKER_LIVE_LIMIT_RATIO, {"job": JOB, "worker_name": "a"}, 0.7)
+                    ],
+                },
+                {
+                    "expr": WORKER_PROBE_SECONDS,
+                    "eval_time": "5m",
+                    "exp_samples": [
+                        sample(WORKER_PROBE_SECONDS, {"job": JOB, "worker_name": "a"}, 0.02)
                     ],
                 },
                 {

@@ -43,6 +43,13 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "http_max_connections": ("64", 64),
     "http_idle_timeout": ("2s", 2.0),
     "web_config_file": ("/etc/web.yml", "/etc/web.yml"),
+    "worker_probe_url": ("http://127.0.0.1:8788/health", "http://127.0.0.1:8788/health"),
+    "metric_allowlist": ("dask_memory_worker_.*", "dask_memory_worker_.*"),
+    "metric_denylist": (
+        "process_.*,dask_memory_worker_threshold_ratio",
+        "process_.*,dask_memory_worker_threshold_ratio",
+    ),
+    "cluster_totals_only": ("true", True),
     "gateway": ("http://gateway.example:8000/", "http://gateway.example:8000"),
     "gateway_proxy_address": ("gateway://proxy:8786", "gateway://proxy:8786"),
     "gateway_auth": ("basic", "basic"),

@@ -304,3 +304,31 @@ def test_default_stale_limit_is_five_heartbeats_and_at_least_10s() -> None:
     assert p.stale_limit() == 10
     p.snapshot = Snapshot(time=0, scheduler_workers=1000)
     assert p.stale_limit() == 30  # 5 x 6 s
+
+
+async def test_run_survives_an_error_past_the_sources(caplog: pytest.LogCaptureFixture) -> None:
+    """A publish (render) that raises does not end the poller task: it is logged once and the
+    next polls publish as usual."""
+    published: list[Snapshot] = []
+    failures = 2
+
+    async def publish(s: Snapshot) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ValueError("render broke")
+        published.append(s)
+
+    poller = Poller([Scheduler(info(A))], MemoryModel(30.0), {}, publish, min_interval=0.0)
+    task = asyncio.create_task(poller.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(published) < 2:
+            assert time.monotonic() < deadline, "the poller stopped publishing"
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert published[-1].polls_total >= 3
+    logged = [r for r in caplog.records if "poll failed" in r.getMessage()]
+    assert len(logged) == 1

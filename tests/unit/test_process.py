@@ -322,6 +322,11 @@ def test_nvml_bytes_of_the_matched_worker_process(plain: Tree) -> None:
     result = asyncio.run(source.fetch(workers(decoy(plain), plain.worker())))
     assert result.values == {plain.address: {WORKER_GPU_PROCESS_MEMORY_BYTES: 4 * 2**30}}
     assert result.rss.keys() == {plain.address}  # RSS as before
+    # Mode local: no scheduler entries, the process is exported by name, with its device memory.
+    alone = asyncio.run(LocalProcessSource(scheduler_address=plain.scheduler, gpu=reader).fetch({}))
+    assert [p.values for p in alone.local_only if p.pid == plain.worker_pid] == [
+        {WORKER_GPU_PROCESS_MEMORY_BYTES: 4 * 2**30}
+    ]
 
 
 def test_without_pynvml_or_a_device_nothing_changes(plain: Tree) -> None:

@@ -44,6 +44,7 @@ EXPECTED_ALERTS = {
     "DaskWorkerNearTermination",
     "DaskWorkerUnmanagedMemoryGrowing",
     "DaskWorkerHeartbeatStale",
+    "DaskWorkerBlockedAbovePause",
     "DaskWorkerGPUMemoryHigh",
     "DaskWorkerGPUMemoryExhaustionPredicted",
     "DaskMemoryExporterSchedulerDown",
