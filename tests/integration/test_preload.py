@@ -63,6 +63,19 @@ class Cluster:
         assert self.exporter is not None
         return self.exporter.url
 
+    async def until_polled_all_workers(self, timeout: float = 60) -> None:
+        """Wait for a published poll that holds every worker the scheduler has."""
+        deadline = time.monotonic() + timeout
+        while True:
+            expo = self.state.exposition
+            polled = {w.info.address for w in expo.snapshot.workers} if expo else set()
+            if len(self.scheduler.workers) == 2 and polled == set(self.scheduler.workers):
+                return
+            assert time.monotonic() < deadline, (
+                f"polled {polled}, scheduler has {set(self.scheduler.workers)}"
+            )
+            await asyncio.sleep(0.1)
+
     async def get(self, path: str) -> tuple[int, str]:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
@@ -96,7 +109,9 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluste
     try:
         client = await Client(cluster, asynchronous=True)
         try:
-            yield Cluster(cluster, client, file_sd)
+            live = Cluster(cluster, client, file_sd)
+            await live.until_polled_all_workers()
+            yield live
         finally:
             await client.close()
     finally:
