@@ -214,11 +214,17 @@ async def test_dask_jobqueue_scheduler_options(tmp_path: Path) -> None:
         exporter = preload.running(cluster.scheduler)
         assert exporter is not None
         assert json.loads(file_sd.read_text()) == [{"targets": [exporter.target]}]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(exporter.url + "/metrics") as r,
-        ):
-            samples = parse(await r.text())
+        deadline = time.monotonic() + 30
+        while True:  # until the first poll is published, as /readyz would say
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(exporter.url + "/metrics") as r,
+            ):
+                samples = parse(await r.text())
+            if scalar(samples, n.EXPORTER_POLLS_TOTAL) >= 1:
+                break
+            assert time.monotonic() < deadline, "no poll published in 30 s"
+            await asyncio.sleep(0.1)
         assert scalar(samples, n.SCHEDULER_UP) == 1
         assert scalar(samples, n.SCHEDULER_WORKERS) == 0
     assert not file_sd.exists()
