@@ -32,9 +32,12 @@ from .gpu_nvml import NvmlReader
 from .memory import MemoryModel
 from .names import SOURCE_LOCAL, Metric
 from .negotiation import wants_gzip, wants_openmetrics
+from .picture import render_snapshot
 from .probe import EventLoopProbe, SidecarSource
 from .process import LocalProcessSource, use_proc_root
 from .remediate import REMEDIATOR, WEBHOOK_PATH, Remediator, install
+from .runbooks import PATH as RUNBOOKS_PATH
+from .runbooks import page as runbooks_page
 from .scheduler import SchedulerSource
 from .snapshot import Poller, Snapshot
 from .source import Source
@@ -217,6 +220,7 @@ def make_app(settings: Settings, sources: Sequence[Source] | None = None) -> web
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get(RUNBOOKS_PATH, runbooks)
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_run_poller)
     return app
@@ -306,6 +310,11 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
+async def runbooks(request: web.Request) -> web.Response:
+    """docs/runbooks.md as HTML: where the alerts' runbook links point by default."""
+    return web.Response(text=runbooks_page(), content_type="text/html")
+
+
 def _mib(v: float | None) -> str:
     return "" if v is None else f"{v / 2**20:,.1f}"
 
@@ -325,7 +334,10 @@ def _column(metric: Metric) -> str:
 
 
 async def landing(request: web.Request) -> web.Response:
-    """A small page with links and a live (auto-refreshing) per-worker table."""
+    """A small page with links, a picture of each worker's memory and a per-worker table.
+
+    Refreshed by the browser every 5 s (meta refresh): no script, so the strict CSP holds.
+    """
     state = request.app[STATE]
     snap = state.snapshot
     esc = html.escape
@@ -397,6 +409,12 @@ async def landing(request: web.Request) -> web.Response:
         f"{esc(s.name)} {'ok' if s.success else 'FAILING'} ({s.errors_total} errors)"
         for s in snap.sources
     )
+    # one picture per cluster (with its own total and thresholds) in gateway mode
+    pictures = "".join(
+        (f"<h2>{esc(name)}</h2>\n" if clustered else "") + render_snapshot(part)
+        for name, part in parts
+        if part.workers
+    )
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>Dask memory exporter</title>
@@ -404,8 +422,9 @@ async def landing(request: web.Request) -> web.Response:
 </head><body>
 <h1>Dask memory exporter</h1>
 <p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a> ·
-<a href="/readyz">Readiness</a></p>
+<a href="/readyz">Readiness</a> · <a href="/runbooks">Runbooks</a></p>
 <p>{scheduler}{len(workers)} workers; {snap.polls_total} polls; sources: {sources}.</p>
+{pictures}
 <table><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>
 {"".join(rows)}
 </table>

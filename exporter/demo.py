@@ -65,6 +65,16 @@ def release_leak() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def dask_setup(worker: object) -> None:
+    """Worker preload: ignore SIGINT, so Ctrl-C in a terminal stops the demo quietly.
+
+    The terminal sends SIGINT to the whole foreground process group, worker processes
+    included; each would die of KeyboardInterrupt with a traceback and its nanny would log
+    the lost worker. The demo closes its workers itself when it gets the signal.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_block(i: int, nbytes: int) -> bytes:
     """A block of incompressible managed data (random, so spilled bytes equal its size)."""
     return os.urandom(nbytes)
@@ -91,6 +101,7 @@ async def start_cluster(roles: tuple[str, ...], memory_limit: int) -> LocalClust
         worker_dashboard_address="127.0.0.1:0",
         asynchronous=True,
         silence_logs=logging.ERROR,
+        preload=[__name__],  # dask_setup above, in every worker process
     )
     template = next(iter(cluster.new_worker_spec().values()))
     for role in roles:

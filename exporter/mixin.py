@@ -27,10 +27,12 @@ class MixinConfig:
     exporters: the scheduler-mode exporter's breakdown and each worker sidecar's direct RSS
     and event-loop probe (cluster_labels without the target's own ``instance``)."""
 
-    runbook_url_base: str = (
-        "https://github.com/dask-memory-exporter/dask-memory-exporter/blob/main/docs/runbooks.md"
-    )
-    """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``."""
+    runbook_url_base: str = "http://{{ $labels.instance }}/runbooks"
+    """Runbook links are ``{runbook_url_base}#{alertname lower-cased}``. By default the
+    runbooks the exporter that raised the alert serves at /runbooks (docs/runbooks.md, of the
+    version running there), at the address Prometheus scrapes; set your own copy (an internal
+    wiki, your fork's docs/runbooks.md) where alert readers cannot reach the targets, or where
+    they are scraped over https."""
 
     dashboard_refresh: str = "30s"
     """Refresh interval of the generated dashboards."""

@@ -182,6 +182,9 @@ def test_image_serves_a_real_scheduler(image: str, cluster: tuple[str, set[str]]
         seen = set(re.findall(worker_re, metrics, re.M))
         assert seen == workers
         assert _get(f"{base}/healthz")[0] == 200
+        # the runbooks the alerts link to by default, packaged in the image
+        status, runbooks = _get(f"{base}/runbooks")
+        assert status == 200 and 'id="daskworkerpaused"' in runbooks
 
         # The containerised exporter fits the documented memory request (docs/resources.md).
         pid = int(podman(["inspect", "--format", "{{.State.Pid}}", name]).stdout.strip())

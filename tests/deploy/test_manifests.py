@@ -68,8 +68,8 @@ def test_every_topology_has_an_overlay() -> None:
 
 def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
-    # kubectl is part of this project's machine image (it is not in Debian bookworm): a
-    # machine without it cannot check the kustomizations, which is a failure, not a skip.
+    # kubectl is part of this project's machine image, and ./dev test installs it elsewhere
+    # (ensure_kubectl): a machine without it is a failure, not a skip.
     assert kubectl is not None, "kubectl not found: it renders the kustomizations"
     return kubectl
 

@@ -207,6 +207,9 @@ async def _scenario(
     page = await asyncio.to_thread(fetch, port, "/")
     assert f"Gateway {gw.url}: <b>up</b>; 2 clusters (0 unreachable)" in page, page
     assert page.count(f"<td>{a.name}</td>") == 1 and page.count(f"<td>{b.name}</td>") == 2, page
+    # the picture: one per cluster, under its name, each with its own cluster total
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="memory"') == 2, page
+    assert f"<h2>{a.name}</h2>" in page and f"<h2>{b.name}</h2>" in page
 
     # Prometheus: raw series labelled by cluster, and the recording rules per cluster.
     async def in_prometheus(expr: str, expected: dict[str, float]) -> bool:

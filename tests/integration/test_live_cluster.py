@@ -112,7 +112,7 @@ async def test_leak_and_spill_show_up(live: Live) -> None:
 async def test_breakdown_agrees_with_scheduler_memory_state(live: Live) -> None:
     """Compare with ``WorkerState.memory`` whenever both saw the same heartbeat."""
     matched: dict[str, int] = {"leak": 0, "spill": 0}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while min(matched.values()) < 3:
         assert time.monotonic() < deadline, f"too few same-heartbeat comparisons: {matched}"
         expo = live.exporter.state.exposition  # the bytes /metrics serves, and their snapshot
@@ -140,7 +140,15 @@ async def test_breakdown_agrees_with_scheduler_memory_state(live: Live) -> None:
             assert got[n.WORKER_PROCESS_BYTES] == ms.process
             assert got[n.WORKER_MANAGED_BYTES] == ms.managed
             assert got[n.WORKER_SPILLED_BYTES] == ms.spilled
-            # Same window, same samples, up to heartbeats the poller did not see.
+            # Same window, same samples, up to heartbeats the poller did not see. One more
+            # transient: the scheduler takes each sample with its real-time managed count
+            # (ws.nbytes at that heartbeat), the exporter with the heartbeat's. A sample taken
+            # while a key was already counted but not yet in the heartbeat is lower on the
+            # scheduler's side and stays the window's minimum for 30 s: such a window is not
+            # comparable, and the difference can only go that way.
+            if got[n.WORKER_UNMANAGED_BYTES] - ms.unmanaged_old > 2 * MiB:
+                assert min(v for _, v in ws._memory_unmanaged_history) == ms.unmanaged_old
+                continue
             assert abs(got[n.WORKER_UNMANAGED_BYTES] - ms.unmanaged_old) <= 2 * MiB
             assert abs(got[n.WORKER_UNMANAGED_RECENT_BYTES] - ms.unmanaged_recent) <= 2 * MiB
             matched[w.info.name] += 1

@@ -63,6 +63,19 @@ class Cluster:
         assert self.exporter is not None
         return self.exporter.url
 
+    async def until_polled_all_workers(self, timeout: float = 60) -> None:
+        """Wait for a published poll that holds every worker the scheduler has."""
+        deadline = time.monotonic() + timeout
+        while True:
+            expo = self.state.exposition
+            polled = {w.info.address for w in expo.snapshot.workers} if expo else set()
+            if len(self.scheduler.workers) == 2 and polled == set(self.scheduler.workers):
+                return
+            assert time.monotonic() < deadline, (
+                f"polled {polled}, scheduler has {set(self.scheduler.workers)}"
+            )
+            await asyncio.sleep(0.1)
+
     async def get(self, path: str) -> tuple[int, str]:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
@@ -96,7 +109,9 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluste
     try:
         client = await Client(cluster, asynchronous=True)
         try:
-            yield Cluster(cluster, client, file_sd)
+            live = Cluster(cluster, client, file_sd)
+            await live.until_polled_all_workers()
+            yield live
         finally:
             await client.close()
     finally:
@@ -238,15 +253,17 @@ async def test_dask_jobqueue_scheduler_options(tmp_path: Path) -> None:
         exporter = preload.running(cluster.scheduler)
         assert exporter is not None
         assert json.loads(file_sd.read_text()) == [{"targets": [exporter.target]}]
-        # The first poll runs in the background: wait for its Snapshot, not for a set time.
         deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as session:
-            while True:
-                async with session.get(exporter.url + "/metrics") as r:
-                    samples = parse(await r.text())
-                if scalar(samples, n.EXPORTER_POLLS_TOTAL) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
+        while True:  # until the first poll is published, as /readyz would say
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(exporter.url + "/metrics") as r,
+            ):
+                samples = parse(await r.text())
+            if scalar(samples, n.EXPORTER_POLLS_TOTAL) >= 1:
+                break
+            assert time.monotonic() < deadline, "no poll published in 30 s"
+            await asyncio.sleep(0.1)
         assert scalar(samples, n.SCHEDULER_UP) == 1
         assert scalar(samples, n.SCHEDULER_WORKERS) == 0
     assert not file_sd.exists()

@@ -5,6 +5,8 @@
 #   helm install dask dask/dask --post-renderer ./deploy/kubernetes/helm/post-render.sh
 #   helm template dask dask/dask | ./deploy/kubernetes/helm/post-render.sh    # to inspect
 #
+# DASK_MEMORY_EXPORTER_IMAGE=REGISTRY/dask-memory-exporter:TAG (or @sha256:...) in the
+# environment sets the exporter's image; helm passes its environment to the post-renderer.
 # Needs `kustomize` or `kubectl` (with its built-in kustomize) on PATH.
 set -eu
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
@@ -23,6 +25,22 @@ resources:
 components:
   - ../helm
 KUSTOMIZATION
+image=${DASK_MEMORY_EXPORTER_IMAGE:-}
+if [ -n "$image" ]; then
+    # REGISTRY[:PORT]/NAME[:TAG] or REGISTRY[:PORT]/NAME@DIGEST
+    name=$image tag='' digest=''
+    case "$image" in
+        *@*) name=${image%%@*} digest=${image#*@} ;;
+        *) case "${image##*/}" in *:*) name=${image%:*} tag=${image##*:} ;; esac ;;
+    esac
+    {
+        echo "images:"
+        echo "  - name: dask-memory-exporter"
+        echo "    newName: $name"
+        [ -z "$tag" ] || echo "    newTag: \"$tag\""
+        [ -z "$digest" ] || echo "    digest: $digest"
+    } >>"$work/kustomization.yaml"
+fi
 if command -v kustomize >/dev/null 2>&1; then
     kustomize build "$work"
 else
