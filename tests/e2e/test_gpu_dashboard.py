@@ -64,6 +64,7 @@ async def test_gpu_row_queries_return_the_gpu_worker() -> None:
                     "namespace": ".*",
                     "job": ".*",
                     "instance": ".*",
+                    "cluster": ".*",  # the gateway mode's label; All here (no gateway)
                 }
                 failures = []
                 count = 0
