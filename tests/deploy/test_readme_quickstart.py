@@ -152,9 +152,7 @@ def test_route_b_helm(tmp_path: Path) -> None:
     calls, docs = run_blocks(tmp_path, build, helm)
     assert "helm repo add dask https://helm.dask.org" in calls
     assert exporter_images(docs) == {IMAGE}
-    scheduler = [
-        d for d in docs if d["kind"] == "Deployment" and "scheduler" in str(d["metadata"])
-    ]
+    scheduler = [d for d in docs if d["kind"] == "Deployment" and "scheduler" in str(d["metadata"])]
     containers = repr(scheduler)
     assert "memory-exporter" in containers and IMAGE in containers
     assert any(d["kind"] == "PodMonitor" for d in docs)

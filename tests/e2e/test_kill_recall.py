@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 
 import pytest
@@ -33,6 +32,7 @@ from tests.e2e.test_alerts_live import (
     live_alertmanager_config,
     webhook_receiver,
 )
+from tests.support.cluster import loopback_cluster
 from tests.support.live import Samples, serve_exporter
 from tests.support.promstack import run_alertmanager, run_prometheus
 
@@ -61,18 +61,7 @@ def leaker(step: int, pause: float):  # type: ignore[no-untyped-def]
 
 
 async def start() -> LocalCluster:
-    cluster = await LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=logging.ERROR,
-    )
+    cluster = await loopback_cluster(LIMIT)
     template = next(iter(cluster.new_worker_spec().values()))
     for name, host in (("leak", "127.0.0.2"), ("idle", "127.0.0.3")):
         cluster.worker_spec[name] = {

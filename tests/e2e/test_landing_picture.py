@@ -25,6 +25,7 @@ from PIL import Image
 from dask_memory_exporter import names as n
 from dask_memory_exporter import picture as p
 from tests.support.browser import screenshot
+from tests.support.cluster import loopback_cluster
 from tests.support.live import Exporter, Samples, by_worker_name, scalar, serve_exporter
 
 MiB = 2**20
@@ -60,11 +61,7 @@ class Live:
 
 @pytest_asyncio.fixture
 async def live() -> AsyncIterator[Live]:
-    cluster = await LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, memory_limit=LIMIT,
-        host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0", asynchronous=True,
-    )  # fmt: skip
+    cluster = await loopback_cluster(LIMIT, n_workers=2)
     try:
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2)

@@ -49,6 +49,7 @@ from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.remediate import ALERT, WEBHOOK_PATH
 from dask_memory_exporter.rules import render_files
 from tests.e2e.test_alerts_live import Webhook, webhook_receiver
+from tests.support.cluster import loopback_cluster
 from tests.support.live import Samples, by_worker_name, parse
 from tests.support.promstack import free_port, run_alertmanager, run_prometheus
 from tests.support.remediation import RECEIVER, merged_config
@@ -127,18 +128,7 @@ def clean_environ() -> Iterator[None]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(clean_environ: None) -> AsyncIterator[Cluster]:
-    lc = await LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=40,
-    )
+    lc = await loopback_cluster(LIMIT)
     try:
         template = next(iter(lc.new_worker_spec().values()))
         bystander = {

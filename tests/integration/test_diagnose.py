@@ -33,6 +33,7 @@ from distributed import Client, Event, LocalCluster
 
 from dask_memory_exporter import worker_actions
 from dask_memory_exporter.demo import wait_for_workers
+from tests.support.cluster import loopback_cluster
 from tests.support.promstack import free_port
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
@@ -177,18 +178,7 @@ async def _until_old(cluster: LocalCluster, address: str, nbytes: int, timeout: 
 
 
 async def _start_cluster() -> LocalCluster:
-    return await LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=40,
-    )
+    return await loopback_cluster(LIMIT)
 
 
 def diagnose(live: Live, *args: str) -> subprocess.CompletedProcess[str]:

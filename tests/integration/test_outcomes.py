@@ -10,7 +10,6 @@ protocol, as in production.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from distributed import Client, LocalCluster, Nanny, wait
 
 from dask_memory_exporter import names as n
 from dask_memory_exporter.demo import wait_for_workers
+from tests.support.cluster import loopback_cluster
 from tests.support.live import Exporter, Samples, serve_exporter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -48,18 +48,7 @@ def leaker(step: int, pause: float) -> Callable[[], None]:
 
 async def start(roles: dict[str, str]) -> LocalCluster:
     """A LocalCluster of nannies, each worker on the loopback address given for its name."""
-    cluster = await LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=logging.ERROR,
-    )
+    cluster = await loopback_cluster(LIMIT)
     template = next(iter(cluster.new_worker_spec().values()))
     assert template["cls"] is Nanny
     for name, host in roles.items():

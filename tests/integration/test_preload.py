@@ -25,6 +25,7 @@ from dask_memory_exporter import names as n
 from dask_memory_exporter import preload
 from dask_memory_exporter.app import STATE, ExporterState
 from dask_memory_exporter.demo import leak_step, make_block
+from tests.support.cluster import loopback_cluster
 from tests.support.live import by_worker_name, parse, scalar
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -93,18 +94,8 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluste
         "--memory-exporter-file-sd", str(file_sd),
         "--memory-exporter-cluster", "hpc-test",
     ]  # fmt: skip
-    cluster = await LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=LIMIT,
-        host="127.0.0.1",
-        scheduler_port=0,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        asynchronous=True,
-        silence_logs=logging.ERROR,
-        scheduler_kwargs={"preload": [PRELOAD], "preload_argv": argv},
+    cluster = await loopback_cluster(
+        LIMIT, n_workers=2, scheduler_kwargs={"preload": [PRELOAD], "preload_argv": argv}
     )
     try:
         client = await Client(cluster, asynchronous=True)
