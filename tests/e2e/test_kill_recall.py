@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster, Nanny
 from dask_memory_exporter import names as n
 from dask_memory_exporter.demo import wait_for_workers
 from dask_memory_exporter.rules import render_files
-from tests.e2e.test_alerts_live import (
+from tests.support.alerting import (
     LIVE,
     NO_DATA,
     PAUSED,

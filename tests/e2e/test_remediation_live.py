@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -48,11 +47,18 @@ from dask_memory_exporter.demo import wait_for_workers
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.remediate import ALERT, WEBHOOK_PATH
 from dask_memory_exporter.rules import render_files
-from tests.e2e.test_alerts_live import Webhook, webhook_receiver
+from tests.support.alerting import Webhook, webhook_receiver
 from tests.support.cluster import loopback_cluster
 from tests.support.live import Samples, by_worker_name, parse
 from tests.support.promstack import free_port, run_alertmanager, run_prometheus
 from tests.support.remediation import RECEIVER, merged_config
+from tests.support.workloads import (
+    PACKAGE,
+    TRIM_VAR,
+    block_package_import,
+    environ_without_trim_threshold,
+    fragment_heap,
+)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(420)]
 
@@ -61,8 +67,6 @@ LIMIT = 700 * MiB
 BYSTANDER_LIMIT = 2048 * MiB
 FILL = 0.76  # of LIMIT: above spill (0.7), and unmanaged above target (0.6); below pause (0.8)
 BYSTANDER_HEAP = 256 * MiB  # 12% of its limit plus its base: never alerts
-PACKAGE = "dask_memory_exporter"
-TRIM_VAR = "MALLOC_TRIM_THRESHOLD_"
 TOKEN = "e2e-remediation-token-0123456789"
 LIVE = dataclasses.replace(MixinConfig(), no_data_to_spill_for="2s")
 REMEDIATIONS = "dask_memory_remediations_total"
@@ -71,27 +75,6 @@ REQUESTS = "dask_memory_remediation_webhook_requests_total"
 
 # The workload runs on workers that cannot import this package nor the tests: by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def block_package_import() -> None:
-    """On a worker: make ``import dask_memory_exporter`` fail, as if it were not installed."""
-    for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        del sys.modules[name]
-    sys.modules[PACKAGE] = None  # type: ignore[assignment]
-
-
-def fragment_heap(total: int, size: int = 2048, keep_every: int = 64) -> int:
-    """Allocate ``total`` bytes of small glibc-malloc'ed objects, keep one in ``keep_every``;
-    return the RSS afterwards."""
-    import types
-
-    import psutil
-
-    mod = sys.modules.setdefault("remediation_test_keep", types.ModuleType("remediation_test_keep"))
-    objects = [bytes(size) for _ in range(total // size)]
-    mod.kept = objects[::keep_every]  # type: ignore[attr-defined]
-    del objects
-    return int(psutil.Process().memory_info().rss)
 
 
 class Cluster:
@@ -118,12 +101,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def clean_environ() -> Iterator[None]:
-    """The nanny copies its pre-spawn variables into this process's environment for good."""
-    saved = dict(os.environ)
-    os.environ.pop(TRIM_VAR, None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with environ_without_trim_threshold():
+        yield
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

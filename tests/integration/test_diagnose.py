@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -35,27 +34,25 @@ from dask_memory_exporter import worker_actions
 from dask_memory_exporter.demo import wait_for_workers
 from tests.support.cluster import loopback_cluster
 from tests.support.promstack import free_port
+from tests.support.workloads import (
+    PACKAGE,
+    TRIM_VAR,
+    block_package_import,
+    environ_without_trim_threshold,
+    fragment_heap,
+)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
 MiB = 2**20
 LIMIT = 800 * MiB
 PAYLOAD = 256 * MiB  # below target (60% of LIMIT): no spilling, no pausing, no gc by Dask
-PACKAGE = "dask_memory_exporter"
-TRIM_VAR = "MALLOC_TRIM_THRESHOLD_"
 
 # The functions below run on workers that cannot import dask_memory_exporter, which this module
 # imports: ship them by value like the actions. Only top-level ``Client.run`` functions honour
 # the registry (a task's function inside a graph is pickled by reference), so the workloads
 # run through ``client.run`` rather than as tasks.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def block_package_import() -> None:
-    """On a worker: make ``import dask_memory_exporter`` fail, as if it were not installed."""
-    for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        del sys.modules[name]
-    sys.modules[PACKAGE] = None  # type: ignore[assignment]
 
 
 def import_error() -> str:
@@ -81,16 +78,6 @@ def make_garbage(total: int) -> None:
     for _ in range(total // MiB):
         cycle: list[Any] = [bytearray(b"\x01" * MiB)]
         cycle.append(cycle)
-
-
-def fragment_heap(total: int, size: int = 2048, keep_every: int = 64) -> None:
-    """Allocate ``total`` bytes of small glibc-malloc'ed objects; keep one in ``keep_every``."""
-    import types
-
-    mod = sys.modules.setdefault("diagnose_test_keep", types.ModuleType("diagnose_test_keep"))
-    objects = [bytes(size) for _ in range(total // size)]
-    mod.kept = objects[::keep_every]  # type: ignore[attr-defined]
-    del objects
 
 
 def leak(total: int) -> None:
@@ -129,12 +116,8 @@ def gc_disable() -> None:
 
 @pytest.fixture(scope="module")
 def clean_environ() -> Iterator[None]:
-    """The nanny copies its pre-spawn variables into this process's environment for good."""
-    saved = dict(os.environ)
-    os.environ.pop(TRIM_VAR, None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with environ_without_trim_threshold():
+        yield
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
