@@ -47,7 +47,7 @@ from dask_memory_exporter.demo import wait_for_workers
 from dask_memory_exporter.mixin import MixinConfig
 from dask_memory_exporter.remediate import ALERT, WEBHOOK_PATH
 from dask_memory_exporter.rules import render_files
-from tests.support.alerting import Webhook, webhook_receiver
+from tests.support.alerting import Webhook, shorten_timings, webhook_receiver
 from tests.support.cluster import loopback_cluster
 from tests.support.live import Samples, by_worker_name, parse
 from tests.support.promstack import free_port, run_alertmanager, run_prometheus
@@ -163,13 +163,7 @@ def live_config(sink_url: str, exporter_url: str, token_file: Path) -> str:
             else:
                 hook["url"] = f"{sink_url}/{receiver['name']}"
                 hook["send_resolved"] = True
-
-    def fast(route: dict[str, Any]) -> None:
-        route.update(group_wait="1s", group_interval="1s", repeat_interval="1h")
-        for child in route.get("routes", []):
-            fast(child)
-
-    fast(config["route"])
+    shorten_timings(config["route"])
     return yaml.safe_dump(config, sort_keys=False)
 
 
