@@ -93,7 +93,7 @@ async def test_leak_and_spill_show_up(live: Live) -> None:
             and managed.get("spill", 0) >= 150 * MiB
         )
 
-    s = await live.exporter.wait_for(settled, timeout=40, what="leak to turn old and spilling")
+    s = await live.exporter.wait_for(settled, timeout=90, what="leak to turn old and spilling")
     leak_recent = by_worker_name(s, n.WORKER_UNMANAGED_RECENT_BYTES)["leak"]
     assert leak_recent < 40 * MiB, "the leak should have moved from recent to old"
     assert by_worker_name(s, n.WORKER_MANAGED_BYTES)["leak"] < 1 * MiB
