@@ -87,10 +87,15 @@ async def test_leak_and_spill_show_up(live: Live) -> None:
         old = by_worker_name(s, n.WORKER_UNMANAGED_BYTES)
         spilled = by_worker_name(s, n.WORKER_SPILLED_BYTES)
         managed = by_worker_name(s, n.WORKER_MANAGED_BYTES)
+        # The spill worker keeps in RAM what fits under its target (240 MiB) beside its own
+        # unmanaged memory (60-110 MiB: more where bokeh is installed, as the worker's dashboard
+        # imports it) and spills the rest; every held byte is one or the other.
+        held = managed.get("spill", 0) + spilled.get("spill", 0)
         return (
             old.get("leak", 0) > base_old + 100 * MiB
             and spilled.get("spill", 0) >= 80 * MiB
-            and managed.get("spill", 0) >= 150 * MiB
+            and managed.get("spill", 0) >= 96 * MiB
+            and abs(held - 352 * MiB) <= 1 * MiB
         )
 
     s = await live.exporter.wait_for(settled, timeout=90, what="leak to turn old and spilling")
