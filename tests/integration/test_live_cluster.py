@@ -152,10 +152,12 @@ async def test_breakdown_agrees_with_scheduler_memory_state(live: Live) -> None:
             # scheduler's side and stays the window's minimum for 30 s: such a window is not
             # comparable, and the difference can only go that way.
             if got[n.WORKER_UNMANAGED_BYTES] - ms.unmanaged_old > 2 * MiB:
-                assert min(v for _, v in ws._memory_unmanaged_history) == ms.unmanaged_old
+                history = list(ws._memory_unmanaged_history)
+                assert min(v for _, v in history) == ms.unmanaged_old, (got, ms, history)
                 continue
-            assert abs(got[n.WORKER_UNMANAGED_BYTES] - ms.unmanaged_old) <= 2 * MiB
-            assert abs(got[n.WORKER_UNMANAGED_RECENT_BYTES] - ms.unmanaged_recent) <= 2 * MiB
+            why = (w.info.name, got, ms, list(ws._memory_unmanaged_history))
+            assert abs(got[n.WORKER_UNMANAGED_BYTES] - ms.unmanaged_old) <= 2 * MiB, why
+            assert abs(got[n.WORKER_UNMANAGED_RECENT_BYTES] - ms.unmanaged_recent) <= 2 * MiB, why
             matched[w.info.name] += 1
         await asyncio.sleep(0.13)
 
