@@ -23,7 +23,7 @@ from dask_memory_exporter.gpu_nvml import WORKER_GPU_PROCESS_MEMORY_BYTES
 from dask_memory_exporter.heartbeat import WORKER_GPU_MEMORY_USED_BYTES
 from dask_memory_exporter.mixin import MixinConfig
 from tests.e2e.test_dashboard_queries import gpu_row_queries, run
-from tests.support.gpu import DeviceTierStore, GpuKeys
+from tests.support.gpu import GpuKeys, gpu_worker
 from tests.support.live import serve_exporter
 from tests.support.promstack import run_prometheus
 
@@ -37,15 +37,7 @@ async def test_gpu_row_queries_return_the_gpu_worker() -> None:
     async with Scheduler(host="127.0.0.1", port=0, dashboard=False) as scheduler:
         address = scheduler.address
         async with (
-            Worker(
-                address,
-                name="gpu",
-                nthreads=1,
-                host="127.0.0.1",
-                metrics=keys.metrics(),
-                data=(DeviceTierStore, {"device_memory_limit": 8 * GiB}),
-                preload=["dask_memory_exporter.gpu"],
-            ),
+            gpu_worker(address, keys, 8 * GiB),
             Worker(address, name="cpu", nthreads=1, host="127.0.0.1"),
             serve_exporter(scheduler=address) as ex,
         ):

@@ -25,7 +25,7 @@ from dask_memory_exporter.heartbeat import (
     WORKER_GPU_RMM_USED_BYTES,
     WORKER_GPU_UTILIZATION_RATIO,
 )
-from tests.support.gpu import DeviceBytes, DeviceTierStore, GpuKeys
+from tests.support.gpu import DeviceBytes, GpuKeys, gpu_worker
 from tests.support.live import Samples, by_worker_name, serve_exporter
 
 GiB = 2**30
@@ -93,15 +93,7 @@ async def test_preload_reports_device_limit_and_corrects_managed() -> None:
     async with Scheduler(host="127.0.0.1", port=0, dashboard=False) as scheduler:
         address = scheduler.address
         async with (
-            Worker(
-                address,
-                name="gpu",
-                nthreads=1,
-                host="127.0.0.1",
-                metrics=keys.metrics(),
-                data=(DeviceTierStore, {"device_memory_limit": limit}),
-                preload=["dask_memory_exporter.gpu"],
-            ),
+            gpu_worker(address, keys, limit),
             Client(address, asynchronous=True) as client,
             serve_exporter(scheduler=address) as ex,
         ):

@@ -16,9 +16,10 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import zict
+from distributed import Worker
 from distributed.sizeof import safe_sizeof
 
-__all__ = ["DeviceBytes", "DeviceTierStore", "GpuKeys"]
+__all__ = ["DeviceBytes", "DeviceTierStore", "GpuKeys", "gpu_worker"]
 
 
 class GpuKeys:
@@ -89,3 +90,18 @@ class DeviceTierStore(MutableMapping[Any, Any]):
 
     def __len__(self) -> int:
         return len(self.device_keys) + sum(k not in self.device_keys for k in self.host)
+
+
+def gpu_worker(scheduler: str, keys: GpuKeys, device_memory_limit: int) -> Worker:
+    """An in-process worker named ``gpu`` that reports ``keys`` in its heartbeats and keeps its
+    data in a ``DeviceTierStore`` with the preload ``dask_memory_exporter.gpu``, as a dask-cuda
+    worker started with it would (use it with ``async with``)."""
+    return Worker(
+        scheduler,
+        name="gpu",
+        nthreads=1,
+        host="127.0.0.1",
+        metrics=keys.metrics(),
+        data=(DeviceTierStore, {"device_memory_limit": device_memory_limit}),
+        preload=["dask_memory_exporter.gpu"],
+    )
