@@ -55,7 +55,7 @@ from prometheus_client.core import Metric as PromMetric
 from prometheus_client.registry import Collector
 
 from . import worker_actions
-from .config import REMEDIATION_ACTIONS, ConfigError, Settings
+from .config import REMEDIATION_ACTIONS, ConfigError, Settings, read_secret_file
 from .names import LABEL_WORKER, LABEL_WORKER_NAME, Metric
 from .snapshot import Snapshot
 from .source import WorkerInfo
@@ -207,6 +207,9 @@ def bearer_matches(header: str | None, token: str | None) -> bool:
     return hmac.compare_digest(value.strip().encode(), token.encode())
 
 
+TOKEN_OPTION: Final = "--remediate-token-file"
+
+
 class TokenFile:
     """The bearer token, from a file; re-read when the file changes (a rotated Kubernetes
     Secret), checked with one ``stat`` per request.
@@ -221,17 +224,19 @@ class TokenFile:
         self._token: str | None = None
         try:
             self._token = self._read()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--remediate-token-file {path}: {e}") from None
+        except ValueError as e:  # every message names the option and the file
+            raise ConfigError(str(e)) from None
 
     def _read(self) -> str:
-        st = os.stat(self.path)
-        with open(self.path, encoding="utf-8") as f:
-            token = f.read().strip()
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise ValueError(f"{TOKEN_OPTION} {self.path}: cannot read: {e.strerror}") from None
+        token = read_secret_file(self.path, TOKEN_OPTION)
         if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
             raise ValueError(
-                f"the token must be at least {MIN_TOKEN_LENGTH} characters without spaces "
-                "(e.g. openssl rand -hex 32)"
+                f"{TOKEN_OPTION} {self.path}: the token must be at least {MIN_TOKEN_LENGTH} "
+                "characters without spaces (e.g. openssl rand -hex 32)"
             )
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         return token
@@ -247,10 +252,9 @@ class TokenFile:
             try:
                 self._token = self._read()
                 logger.info("remediation: token file %s re-read", self.path)
-            except (OSError, ValueError) as e:
+            except ValueError as e:
                 if self._token is not None or self._stamp is not None:
-                    logger.error("remediation: token file %s unusable, refusing all: %s",
-                                 self.path, e)  # fmt: skip
+                    logger.error("remediation: refusing every request: %s", e)
                 self._token = None
                 self._stamp = None
         return self._token
